@@ -1,0 +1,61 @@
+"""The few plain types that flow between the pipeline's stages (see README, "Stages")."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class ChannelSet:
+    """A set of channels that must be pruned together.
+
+    ``name`` is the module path of the first producing conv; ``producers`` are all convs whose output
+    channels are these channels (several for a residual stream). The map the consumers read is taken at
+    module ``tap``: its input (forward pre-hook) when ``tap_input`` is true, else its output.
+    ``consumers`` are the conv/linear modules that read that map directly, so a compensation can be folded
+    into their weights; empty when the reader is anything else (compensation is then skipped).
+    """
+
+    name: str
+    size: int
+    producers: tuple[str, ...]
+    tap: str
+    tap_input: bool = True
+    consumers: tuple[str, ...] = ()
+    kind: str = "conv"
+
+
+@dataclass
+class LayerStats:
+    """What the collector accumulated for one channel set over ``num_images`` images.
+
+    Only the statistics some scorer or compensation asked for are filled in.
+    """
+
+    num_images: int
+    dead: torch.Tensor                                   # [C] bool: map constant on every image
+    similarity: dict[str, torch.Tensor] = field(default_factory=dict)  # metric -> [C, C] mean
+    counted: dict[str, int] = field(default_factory=dict)              # metric -> images counted
+    mean: torch.Tensor | None = None                     # [C] mean over images and pixels
+    gram: torch.Tensor | None = None                     # [C, C] mean of F_i * F_j over images, pixels
+    rank: torch.Tensor | None = None                     # [C] mean matrix rank of each map (HRank)
+    chip: torch.Tensor | None = None                     # [C] mean channel independence (CHIP)
+
+
+@dataclass
+class Order:
+    """Channels of one set in the order they should be removed.
+
+    ``values[k]`` is what the scorer's threshold rule compares with ``tau`` for the k-th removal (removal
+    continues while ``values[k] >= tau``); ``None`` when the scorer has no threshold rule. ``twins[k]`` is the
+    kept partner of ``removal[k]`` (QSFM), ``-1`` when it has none.
+    """
+
+    removal: list[int]
+    values: list[float] | None = None
+    twins: list[int] | None = None
+
+
+Orders = dict[str, Order]
+Keep = dict[str, list[int]]
