@@ -118,3 +118,10 @@ def _resnet(depth: int):
 
 
 resnet20, resnet32, resnet44, resnet56, resnet110 = (_resnet(d) for d in (20, 32, 44, 56, 110))
+
+
+@register_model
+def resnet8_tiny(num_classes: int = 10, **kwargs) -> CifarResNet:
+    """ResNet-8 with 4/8/16 channels: a seconds-long model for smoke tests."""
+    kwargs.setdefault("stage_widths", (4, 8, 16))
+    return CifarResNet(8, num_classes, **kwargs)

@@ -1,0 +1,118 @@
+"""``qsfm-run``: the Hydra edge. Composes the config, turns it into an ``Experiment`` and runs it.
+
+A failing job writes ``metrics.json`` with ``status: failed`` and its error; in a multirun the sweep goes
+on, in a single run the command prints the one-line error and exits non-zero.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from . import outputs
+
+log = logging.getLogger("qsfm_cli")
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def config_dir() -> Path:
+    """The shipped configs: inside the package in a wheel install, the repo's ``conf/`` in a checkout."""
+    for candidate in (PACKAGE_DIR / "conf", PACKAGE_DIR.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"qsfm_cli configs not found beside {PACKAGE_DIR}; reinstall the package")
+
+
+def build_experiment(cfg: DictConfig, run_dir: Path):
+    """Translate a composed config into plain arguments for ``pipeline.run_experiment``."""
+    from .pipeline import EvalSpec, Experiment, resolve_device
+    from .plan import PlanSpec
+    from .train import TrainRecipe
+
+    device = resolve_device(cfg.device)
+    scorer = instantiate(cfg.scorer)
+    plan = PlanSpec.from_config(OmegaConf.to_container(cfg.prune, resolve=True))
+    train_set, test_set = instantiate(cfg.dataset)
+    mean, std = cfg.model.mean, cfg.model.std
+    train_set, test_set = train_set.with_normalization(mean, std), test_set.with_normalization(mean, std)
+    prune = cfg.prune
+    return Experiment(
+        model_name=cfg.model.name,
+        train_set=train_set,
+        test_set=test_set,
+        scorer=scorer,
+        plan=plan,
+        run_dir=run_dir,
+        checkpoint=cfg.model.checkpoint,
+        pretrained=cfg.model.pretrained,
+        allow_pickle=cfg.model.allow_pickle,
+        baseline_recipe=TrainRecipe(**cfg.baseline.recipe) if cfg.baseline.train else None,
+        finetune=TrainRecipe(**cfg.finetune),
+        compensate=prune.compensate,
+        ridge=prune.ridge,
+        bn_recalibration=prune.bn_recalibration,
+        iterative_steps=prune.iterative_steps,
+        num_images=cfg.collect.num_images,
+        collect_batch_size=cfg.collect.batch_size,
+        eval=EvalSpec(cfg.eval.batch_size, tuple(cfg.eval.latency_batches), cfg.eval.latency_repeats),
+        seed=cfg.seed,
+        device=str(device),
+        cache_dir=Path(cfg.cache.dir) if cfg.cache.enabled else None,
+        resume=cfg.resume,
+        save_model=cfg.save_model,
+        progress=cfg.progress,
+        record={"dataset": cfg.dataset.name, "reference": OmegaConf.to_container(cfg.reference),
+                "config": OmegaConf.to_container(cfg, resolve=True)},
+    )
+
+
+def print_summary(metrics: dict) -> None:
+    row = outputs.results_row(metrics)
+    width = max(map(len, row))
+    print("\n".join(f"{key:<{width}}  {value}" for key, value in row.items()))
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run one job; failures are recorded in its ``metrics.json`` and re-raised."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        from .pipeline import run_experiment
+
+        metrics = run_experiment(build_experiment(cfg, run_dir))
+    except BaseException as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        outputs.write_json(run_dir / outputs.METRICS_FILE, {
+            "status": "failed", "error": f"{type(err).__name__}: {message}",
+            "config": OmegaConf.to_container(cfg, resolve=False)})
+        raise
+    print_summary(metrics)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        log.error("%s", err)
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            print(f"qsfm-run: error: {err}", file=sys.stderr)
+            sys.exit(2)
+    except Exception:
+        log.exception("job failed")
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

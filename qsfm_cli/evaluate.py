@@ -1,0 +1,88 @@
+"""Evaluation stage: accuracy, MACs and parameters counted as the papers do, and latency."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .data import ImageSet
+from .loaders import DeviceLoader
+
+
+@dataclass
+class Metrics:
+    """One model's figures. ``macs`` counts conv and linear multiply-accumulates (FLOPs / 2)."""
+
+    top1: float
+    top5: float
+    macs: int
+    params: int
+    latency_ms: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_macs(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -> int:
+    """Multiply-accumulates of one forward pass, from torch's own FLOP counter (matmul/conv ops only)."""
+    param = next(model.parameters())
+    x = torch.zeros(input_size, device=param.device, dtype=param.dtype)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, ds: ImageSet, *, device: str | torch.device = "cpu",
+             batch_size: int = 500) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy in percent on every image of ``ds``."""
+    model.eval()
+    hits1 = hits5 = 0
+    for x, y in DeviceLoader(ds, batch_size, device=device):
+        top = model(x).topk(min(5, ds.num_classes), dim=1).indices
+        hits1 += (top[:, 0] == y).sum().item()
+        hits5 += (top == y[:, None]).any(dim=1).sum().item()
+    return 100.0 * hits1 / len(ds), 100.0 * hits5 / len(ds)
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, batch_size: int, *, device: str | torch.device = "cpu",
+               input_hw: tuple[int, int] = (32, 32), repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time of one forward pass of a ``batch_size`` batch, in milliseconds."""
+    device = torch.device(device)
+    model.eval()
+    x = torch.randn(batch_size, 3, *input_hw, device=device)
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def evaluate(model: nn.Module, test: ImageSet, *, device: str | torch.device = "cpu",
+             latency_batches: tuple[int, ...] = (1, 64), latency_repeats: int = 20,
+             batch_size: int = 500, known_accuracy: tuple[float, float] | None = None) -> Metrics:
+    """Accuracy on the whole ``test`` split (unless ``known_accuracy`` gives top-1/top-5 already
+    measured on it), MACs/params at its image size, latency per batch size."""
+    hw = tuple(test.images.shape[-2:])
+    top1, top5 = known_accuracy or accuracy(model, test, device=device, batch_size=batch_size)
+    latency = {f"b{b}": latency_ms(model, b, device=device, input_hw=hw, repeats=latency_repeats)
+               for b in latency_batches}
+    return Metrics(top1, top5, count_macs(model, (1, 3, *hw)), count_params(model), latency)

@@ -1,0 +1,112 @@
+"""Write stage: every file of a run is written atomically (temp file + rename), so an interrupted or
+concurrent job never leaves a half-written result behind."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+METRICS_FILE = "metrics.json"
+RESULTS_FILE = "results.csv"
+PRUNED_FILE = "pruned_model.pt"
+
+
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write through ``write(fileobj)`` into a temp file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
+
+
+def _jsonable(obj: Any) -> Any:
+    """JSON has no NaN/inf and no tensors: map them to null and plain numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def results_row(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The one-row summary of a finished run (``metrics.json`` holds the full record)."""
+    base, final = metrics["base"], metrics["final"]
+    row = {key: metrics.get(key) for key in
+           ("model", "dataset", "scorer", "protocol", "ratio", "compensate", "seed", "finetune_epochs")}
+    row.update({
+        "base_top1": base["top1"],
+        "pruned_top1": final["top1"],
+        "top1_drop": round(base["top1"] - final["top1"], 4),
+        "top1_before_finetune": metrics["pruned"]["top1"],
+        "base_top5": base["top5"],
+        "pruned_top5": final["top5"],
+        "base_MACs_M": round(base["macs"] / 1e6, 3),
+        "pruned_MACs_M": round(final["macs"] / 1e6, 3),
+        "MACs_reduction_%": round(100 * (1 - final["macs"] / base["macs"]), 2),
+        "base_params_M": round(base["params"] / 1e6, 4),
+        "pruned_params_M": round(final["params"] / 1e6, 4),
+        "params_reduction_%": round(100 * (1 - final["params"] / base["params"]), 2),
+    })
+    for batch, ms in base["latency_ms"].items():
+        pruned_ms = final["latency_ms"][batch]
+        row[f"base_latency_{batch}_ms"] = round(ms, 3)
+        row[f"pruned_latency_{batch}_ms"] = round(pruned_ms, 3)
+        row[f"speedup_{batch}"] = round(ms / pruned_ms, 3)
+    return row
+
+
+def save_pruned(path: Path, model: nn.Module) -> None:
+    """Save weights plus the JSON-able architecture spec (per-layer widths): no pickled modules."""
+    from .pruning import architecture
+
+    payload = {"architecture": architecture(model), "state_dict": model.state_dict()}
+    atomic_write(Path(path), lambda f: torch.save(payload, f))
+
+
+def load_pruned(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved by ``save_pruned`` without the config that produced it."""
+    from .pruning import build_model
+
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    model = build_model(payload["architecture"])
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()

@@ -1,0 +1,251 @@
+"""One pruning experiment as plain stages: baseline -> collect -> score -> plan -> prune -> fine-tune ->
+evaluate -> write. Nothing here reads a config object: ``qsfm_cli.app`` translates the config into an
+``Experiment`` and calls ``run_experiment``; Python users can do the same without Hydra.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoints, outputs
+from .cache import Cache, fingerprint, model_fingerprint
+from .collect import collect_stats
+from .compensate import compensate, recalibrate_bn
+from .data import ImageSet
+from .evaluate import Metrics, accuracy, evaluate
+from .models import create_model
+from .plan import PlanSpec, make_keep
+from .pruning import apply_keep, channel_sets
+from .scoring import Scorer, StatRequest
+from .train import TrainRecipe, train, trained_baseline
+from .types import ChannelSet, Keep, LayerStats, Order, Orders
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSpec:
+    batch_size: int = 500
+    latency_batches: tuple[int, ...] = (1, 64)
+    latency_repeats: int = 20
+
+
+@dataclass
+class Experiment:
+    """Everything one run needs, as plain values."""
+
+    model_name: str
+    train_set: ImageSet
+    test_set: ImageSet
+    scorer: Scorer
+    plan: PlanSpec
+    run_dir: Path
+    checkpoint: str | None = None
+    pretrained: bool = False
+    allow_pickle: bool = False
+    baseline_recipe: TrainRecipe | None = None     # trains the baseline when no weights are given
+    finetune: TrainRecipe = field(default_factory=lambda: TrainRecipe(epochs=0))
+    compensate: str = "none"                       # none | twin | lstsq
+    ridge: float = 1e-3
+    bn_recalibration: int = 0                      # training images for BatchNorm re-estimation
+    iterative_steps: int = 1
+    num_images: int = 512
+    collect_batch_size: int = 128
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    seed: int = 0
+    device: str = "cpu"
+    cache_dir: Path | None = None
+    resume: bool = False
+    save_model: bool = True
+    progress: bool = True
+    record: dict[str, Any] = field(default_factory=dict)   # extra fields copied into metrics.json
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; anything else must name a usable torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; accepted: auto, cpu, cuda, cuda:N, mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; accepted here: auto, cpu")
+    return device
+
+
+def load_baseline(exp: Experiment, cache: Cache) -> nn.Module:
+    """Baseline stage: the unpruned model with its weights (file, URL, built-in, or trained once)."""
+    model = create_model(exp.model_name, num_classes=exp.train_set.num_classes)
+    if exp.checkpoint:
+        return checkpoints.load_weights(model, exp.checkpoint, allow_pickle=exp.allow_pickle)
+    if exp.pretrained:
+        return checkpoints.load_weights(model, checkpoints.pretrained_url(exp.model_name))
+    if exp.baseline_recipe is not None:
+        return trained_baseline(exp.model_name, exp.train_set.num_classes, exp.train_set, exp.test_set,
+                                exp.baseline_recipe, seed=exp.seed, device=exp.device,
+                                cache_dir=cache.root, progress=exp.progress)
+    raise ValueError(f"model {exp.model_name!r} has no weights: set model.checkpoint=PATH_OR_URL, "
+                     f"model.pretrained=true, or baseline.train=true")
+
+
+def collect_and_score(model: nn.Module, sets: list[ChannelSet], exp: Experiment, cache: Cache,
+                      timings: dict[str, float], cache_log: dict[str, str]
+                      ) -> tuple[Orders, dict[str, LayerStats]]:
+    """Collect stage + score stage, each cached by content (model weights, images, options)."""
+    requests = set(exp.scorer.requests())
+    if exp.compensate != "none":
+        requests.add(StatRequest.moments())
+    images = exp.train_set.sample(exp.num_images, exp.seed)
+    weights_key = model_fingerprint(model)
+    stats_key = fingerprint("stats", weights_key, images.images, sorted(map(repr, requests)),
+                            [asdict(s) for s in sets])
+
+    def collect() -> dict[str, dict]:
+        return {name: asdict(s) for name, s in collect_stats(
+            model, sets, images, requests, batch_size=exp.collect_batch_size, device=exp.device,
+            progress=exp.progress).items()}
+
+    start = time.perf_counter()
+    if requests:
+        raw, hit = cache.get_or_compute("stats", stats_key, collect)
+        cache_log["stats"] = "hit" if hit else "miss"
+    else:
+        raw, cache_log["stats"] = {}, "none"
+    stats = {name: LayerStats(**d) for name, d in raw.items()}
+    timings["collect"] = time.perf_counter() - start
+
+    def score() -> dict[str, dict]:
+        return {name: asdict(o) for name, o in exp.scorer.score(model, sets, stats).items()}
+
+    start = time.perf_counter()
+    orders_key = fingerprint("orders", stats_key, exp.scorer.name, exp.scorer.options())
+    raw_orders, hit = cache.get_or_compute("orders", orders_key, score)
+    cache_log["orders"] = "hit" if hit else "miss"
+    timings["score"] = time.perf_counter() - start
+    return {name: Order(**d) for name, d in raw_orders.items()}, stats
+
+
+def keep_after_removing(order: Order, size: int, n_remove: int) -> list[int]:
+    """Indices kept when the first ``n_remove`` channels of ``order`` are removed from ``size``."""
+    removed = set(order.removal[:n_remove])
+    return [c for c in range(size) if c not in removed]
+
+
+def prune_stage(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats: dict[str, LayerStats],
+                keep: Keep, exp: Experiment, cache: Cache, timings: dict[str, float],
+                cache_log: dict[str, str]) -> tuple[nn.Module, dict[str, str]]:
+    """Prune stage: compensation, physical removal in ``exp.iterative_steps`` steps, BN re-estimation.
+
+    Each later step re-collects statistics and re-scores the partly pruned model; the per-layer removal
+    counts of the plan are reached in equal steps, and removed channels never come back.
+    """
+    example = exp.test_set.images[:1].float().to(exp.device)
+    totals = {s.name: s.size - len(keep.get(s.name, range(s.size))) for s in sets}
+    sizes = {s.name: s.size for s in sets}
+    comp_log: dict[str, str] = {}
+    current = model
+    for step in range(1, exp.iterative_steps + 1):
+        if step > 1:
+            sets = channel_sets(current, example, scope=exp.plan.scope)
+            orders, stats = collect_and_score(current, sets, exp, cache, timings, cache_log)
+        step_keep = {}
+        for s in sets:
+            target = sizes[s.name] - round(totals[s.name] * step / exp.iterative_steps)
+            step_keep[s.name] = keep_after_removing(orders[s.name], s.size, s.size - target)
+        current = copy.deepcopy(current)
+        if exp.compensate != "none":
+            comp_log = compensate(current, sets, stats, orders, step_keep, exp.compensate, ridge=exp.ridge)
+            for name, status in comp_log.items():
+                if status != "compensated":
+                    log.warning("compensation %s: %s", name, status)
+        current = apply_keep(current, step_keep, example)
+    if exp.bn_recalibration:
+        recalibrate_bn(current, exp.train_set, exp.bn_recalibration, batch_size=exp.collect_batch_size,
+                       device=exp.device, seed=exp.seed)
+    return current, comp_log
+
+
+def evaluate_stage(model: nn.Module, exp: Experiment, cache: Cache) -> Metrics:
+    """Evaluate stage; the accuracy of a model already seen on these test images comes from the cache."""
+    spec = exp.eval
+
+    def measure_accuracy() -> list[float]:
+        return list(accuracy(model, exp.test_set, device=exp.device, batch_size=spec.batch_size))
+
+    key = fingerprint("accuracy", model_fingerprint(model), exp.test_set.images, exp.test_set.labels,
+                      exp.test_set.mean, exp.test_set.std)
+    top, _ = cache.get_or_compute("accuracy", key, measure_accuracy)
+    return evaluate(model, exp.test_set, device=exp.device, latency_batches=spec.latency_batches,
+                    latency_repeats=spec.latency_repeats, known_accuracy=tuple(top))
+
+
+def run_experiment(exp: Experiment) -> dict[str, Any]:
+    """Run every stage and write ``metrics.json``, ``results.csv`` and ``pruned_model.pt`` into
+    ``exp.run_dir``; return the metrics record."""
+    started = time.perf_counter()
+    torch.manual_seed(exp.seed)
+    run_dir = Path(exp.run_dir)
+    cache = Cache(exp.cache_dir or run_dir / "cache", enabled=exp.cache_dir is not None)
+    timings: dict[str, float] = {}
+    cache_log: dict[str, str] = {}
+
+    model = load_baseline(exp, cache).to(exp.device).eval()
+    example = exp.test_set.images[:1].float().to(exp.device)
+    sets = channel_sets(model, example, scope=exp.plan.scope)
+    exp.plan.validate(sets)
+
+    orders, stats = collect_and_score(model, sets, exp, cache, timings, cache_log)
+    start = time.perf_counter()
+    keep, plan_info = make_keep(orders, sets, exp.plan, model=model, example_input=example)
+    pruned, comp_log = prune_stage(model, sets, orders, stats, keep, exp, cache, timings, cache_log)
+    timings["prune"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    base = evaluate_stage(model, exp, cache)
+    after_prune = evaluate_stage(pruned, exp, cache)
+    timings["evaluate"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    final = after_prune
+    if exp.finetune.epochs > 0:
+        train(pruned, exp.train_set, exp.test_set, exp.finetune, device=exp.device, seed=exp.seed,
+              run_dir=run_dir, resume=exp.resume, progress=exp.progress)
+        final = evaluate_stage(pruned, exp, cache)
+    timings["finetune"] = time.perf_counter() - start
+
+    pruned_sets = {s.name: s.size for s in channel_sets(pruned, example, scope=exp.plan.scope)}
+    timings["total"] = time.perf_counter() - started
+    metrics = {
+        "status": "ok",
+        **exp.record,
+        "model": exp.model_name,
+        "scorer": exp.scorer.name,
+        "scorer_options": exp.scorer.options(),
+        **exp.plan.describe(),
+        "compensate": exp.compensate,
+        "bn_recalibration": exp.bn_recalibration,
+        "iterative_steps": exp.iterative_steps,
+        "seed": exp.seed,
+        "finetune_epochs": exp.finetune.epochs,
+        "base": base.to_dict(),
+        "pruned": after_prune.to_dict(),
+        "final": final.to_dict(),
+        "kept_channels": {s.name: {"kept": pruned_sets.get(s.name, 0), "total": s.size} for s in sets},
+        "plan": plan_info,
+        "compensation": comp_log,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "cache": cache_log,
+    }
+    if exp.save_model:
+        outputs.save_pruned(run_dir / outputs.PRUNED_FILE, pruned.cpu())
+    outputs.write_json(run_dir / outputs.METRICS_FILE, metrics)
+    outputs.write_csv(run_dir / outputs.RESULTS_FILE, [outputs.results_row(metrics)])
+    return metrics
