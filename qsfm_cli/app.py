@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,21 +30,31 @@ def config_dir() -> Path:
     raise FileNotFoundError(f"qsfm_cli configs not found beside {PACKAGE_DIR}; reinstall the package")
 
 
+def build(node: DictConfig, **kwargs):
+    """``hydra.utils.instantiate``, re-raising the target's own error (Hydra wraps it in several lines)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        raise (err.__cause__ or err) from None
+
+
 def build_experiment(cfg: DictConfig, run_dir: Path):
     """Translate a composed config into plain arguments for ``pipeline.run_experiment``."""
     from .pipeline import EvalSpec, Experiment, resolve_device
     from .plan import PlanSpec
-    from .train import TrainRecipe
 
     device = resolve_device(cfg.device)
-    scorer = instantiate(cfg.scorer)
+    scorer = build(cfg.scorer)
     plan = PlanSpec.from_config(OmegaConf.to_container(cfg.prune, resolve=True))
-    train_set, test_set = instantiate(cfg.dataset)
+    train_set, test_set = build(cfg.dataset)
     mean, std = cfg.model.mean, cfg.model.std
     train_set, test_set = train_set.with_normalization(mean, std), test_set.with_normalization(mean, std)
     prune = cfg.prune
+    resolved = OmegaConf.to_container(cfg, resolve=True)
     return Experiment(
         model_name=cfg.model.name,
+        model_kwargs={k: v for k, v in resolved["model"]["arch"].items()
+                      if k not in ("_target_", "name", "num_classes")},
         train_set=train_set,
         test_set=test_set,
         scorer=scorer,
@@ -52,8 +63,8 @@ def build_experiment(cfg: DictConfig, run_dir: Path):
         checkpoint=cfg.model.checkpoint,
         pretrained=cfg.model.pretrained,
         allow_pickle=cfg.model.allow_pickle,
-        baseline_recipe=TrainRecipe(**cfg.baseline.recipe) if cfg.baseline.train else None,
-        finetune=TrainRecipe(**cfg.finetune),
+        baseline_recipe=recipe(cfg.baseline.recipe) if cfg.baseline.train else None,
+        finetune=recipe(cfg.finetune),
         compensate=prune.compensate,
         ridge=prune.ridge,
         bn_recalibration=prune.bn_recalibration,
@@ -67,9 +78,14 @@ def build_experiment(cfg: DictConfig, run_dir: Path):
         resume=cfg.resume,
         save_model=cfg.save_model,
         progress=cfg.progress,
-        record={"dataset": cfg.dataset.name, "reference": OmegaConf.to_container(cfg.reference),
-                "config": OmegaConf.to_container(cfg, resolve=True)},
+        record={"dataset": cfg.dataset.name, "reference": resolved["reference"], "config": resolved},
     )
+
+
+def recipe(node: DictConfig):
+    from .train import TrainRecipe
+
+    return TrainRecipe.from_dict(OmegaConf.to_container(node, resolve=True))
 
 
 def print_summary(metrics: dict) -> None:
@@ -104,6 +120,9 @@ def _hydra_main(cfg: DictConfig) -> None:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             print(f"qsfm-run: error: {err}", file=sys.stderr)
             sys.exit(2)
+    except KeyboardInterrupt as err:
+        print(f"qsfm-run: interrupted: {err}", file=sys.stderr)
+        sys.exit(130)
     except Exception:
         log.exception("job failed")
         if HydraConfig.get().mode != RunMode.MULTIRUN:

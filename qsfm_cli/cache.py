@@ -32,7 +32,7 @@ def fingerprint(*parts: Any) -> str:
 
 def _feed(h: "hashlib._Hash", obj: Any) -> None:
     if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
+        t = obj.detach().cpu().contiguous().reshape(-1)
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     elif isinstance(obj, dict):

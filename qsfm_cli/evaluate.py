@@ -1,6 +1,7 @@
 """Evaluation stage: accuracy, MACs and parameters counted as the papers do, and latency."""
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -58,22 +59,33 @@ def accuracy(model: nn.Module, ds: ImageSet, *, device: str | torch.device = "cp
 
 @torch.no_grad()
 def latency_ms(model: nn.Module, batch_size: int, *, device: str | torch.device = "cpu",
-               input_hw: tuple[int, int] = (32, 32), repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time of one forward pass of a ``batch_size`` batch, in milliseconds."""
+               input_hw: tuple[int, int] = (32, 32), repeats: int = 20, warmup: int = 3,
+               min_warmup_s: float = 0.5) -> float:
+    """Median wall time of one forward pass of a ``batch_size`` batch, in milliseconds.
+
+    Warm-up runs at least ``warmup`` passes and ``min_warmup_s`` seconds: the first passes of a new
+    input shape set up kernels and thread pools, which would otherwise inflate whichever model is
+    timed first.
+    """
     device = torch.device(device)
     model.eval()
     x = torch.randn(batch_size, 3, *input_hw, device=device)
-    times = []
-    for i in range(warmup + repeats):
+
+    def timed() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         model(x)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        return (time.perf_counter() - start) * 1e3
+
+    warm_start = time.perf_counter()
+    for i in itertools.count():
+        timed()
+        if i + 1 >= warmup and time.perf_counter() - warm_start >= min_warmup_s:
+            break
+    return statistics.median(timed() for _ in range(repeats))
 
 
 def evaluate(model: nn.Module, test: ImageSet, *, device: str | torch.device = "cpu",

@@ -1,61 +1,252 @@
-"""Batches straight from a device-resident uint8 ``ImageSet``: crop, flip and normalize as tensor ops."""
+"""Batches of an ``ImageSet`` for training and evaluation, in two interchangeable flavours.
+
+``DeviceLoader`` keeps the whole uint8 dataset on the device and does crop + flip + normalize as one
+batched gather per batch: no Python work per image, so a GPU is never starved (CIFAR: 150 MB).
+``TorchvisionLoader`` is the classic ``DataLoader`` + PIL-transform path (worker processes), for datasets
+that do not fit on the device. Both have the same contract: ``(x, y)`` float32 normalized images and int64
+labels on ``device``, and a shuffle + augmentation that is a pure function of ``(seed, epoch)`` so a run
+resumed mid-epoch sees exactly the batches an uninterrupted run would (``iter_epoch(epoch, start_batch)``).
+"""
 from __future__ import annotations
 
+import hashlib
+import signal
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data import ImageSet
+
+PATHS = ("auto", "device", "torchvision")
+
+
+def epoch_seed(seed: int, epoch: int, salt: str = "") -> int:
+    """A 63-bit seed for ``(seed, epoch)``: hashing keeps different pairs from colliding."""
+    digest = hashlib.blake2b(f"{salt}:{seed}:{epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _num_batches(n: int, batch_size: int, drop_last: bool) -> int:
+    return n // batch_size if drop_last else -(-n // batch_size)
 
 
 class DeviceLoader:
     """Iterate ``(images, labels)`` batches of ``ds`` on ``device``, normalized to float32.
 
-    With ``train=True`` the order is shuffled (seeded per epoch) and each image gets the standard CIFAR
-    augmentation: a random 32x32 crop of the 4-pixel zero-padded image and a random horizontal flip.
+    With ``train=True`` the order is shuffled and each image gets the standard CIFAR augmentation: a random
+    crop of the image zero-padded by ``pad`` pixels (black, as torchvision's ``RandomCrop(padding=4)``) and a
+    random horizontal flip. ``channels_last=True`` returns batches in that memory format at no extra cost.
+    Iterating the loader itself walks epochs 0, 1, 2, ...; ``iter_epoch`` picks one explicitly.
     """
 
     def __init__(self, ds: ImageSet, batch_size: int, *, device: str | torch.device = "cpu",
-                 train: bool = False, seed: int = 0, drop_last: bool = False, pad: int = 4):
+                 train: bool = False, seed: int = 0, drop_last: bool = False, pad: int = 4,
+                 channels_last: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
-        self.images = ds.images.to(self.device)
-        self.labels = ds.labels.to(self.device)
-        self.mean = torch.tensor(ds.mean, device=self.device).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(ds.std, device=self.device).view(1, -1, 1, 1) * 255
         self.batch_size = batch_size
         self.train = train
         self.seed = seed
         self.drop_last = drop_last
-        self.pad = pad
+        self.pad = pad if train else 0
+        self.channels_last = channels_last
         self.epoch = 0
+        self.num_images = len(ds)
+        self.height, self.width = ds.images.shape[2], ds.images.shape[3]
+        p = self.pad
+        # NHWC so that one gather yields a channels_last batch; padded once here, not per batch.
+        nhwc = ds.images.permute(0, 2, 3, 1)
+        if p:
+            nhwc = torch.nn.functional.pad(nhwc, (0, 0, p, p, p, p))
+        self.images = nhwc.contiguous().to(self.device)
+        self.labels = ds.labels.to(self.device)
+        std = torch.tensor(ds.std, dtype=torch.float32)
+        mean = torch.tensor(ds.mean, dtype=torch.float32)
+        self.scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1).to(self.device)
+        self.shift = (-mean / std).view(1, -1, 1, 1).to(self.device)
 
     def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return _num_batches(self.num_images, self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.labels)
-        g = torch.Generator(device="cpu").manual_seed(self.seed * 100_003 + self.epoch)
-        self.epoch += 1
-        order = torch.randperm(n, generator=g).to(self.device) if self.train else None
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            idx = order[start:start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
-            x = (self.images[idx].float() - self.mean) / self.std
-            if self.train:
-                x = self._augment(x, g)
-            yield x, self.labels[idx]
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return self.iter_epoch(epoch)
 
-    def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        b, _, h, w = x.shape
-        p = self.pad
-        padded = F.pad(x, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (b,), generator=g).to(x.device)
-        dx = torch.randint(0, 2 * p + 1, (b,), generator=g).to(x.device)
-        rows = (dy.view(b, 1) + torch.arange(h, device=x.device)).view(b, 1, h, 1)
-        cols = (dx.view(b, 1) + torch.arange(w, device=x.device)).view(b, 1, 1, w)
-        batch = torch.arange(b, device=x.device).view(b, 1, 1, 1)
-        chan = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
-        out = padded[batch, chan, rows, cols]
-        flip = (torch.rand(b, generator=g) < 0.5).to(x.device)
-        return torch.where(flip.view(b, 1, 1, 1), out.flip(3), out)
+    def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches ``start_batch, start_batch + 1, ...`` of ``epoch``; the same for the same (seed, epoch)."""
+        n, b = self.num_images, self.batch_size
+        draws = self._draws(epoch) if self.train else None
+        for start in range(start_batch * b, len(self) * b, b):
+            stop = min(start + b, n)
+            if draws is None:
+                x = self.images[start:stop]
+                y = self.labels[start:stop]
+            else:
+                idx, dy, dx, flip = (d[start:stop] for d in draws)
+                x = self._crop_flip(idx, dy, dx, flip)
+                y = self.labels[idx]
+            yield self._normalize(x.permute(0, 3, 1, 2)), y
+
+    def _draws(self, epoch: int) -> tuple[torch.Tensor, ...]:
+        """The whole epoch's order, crop offsets and flips, drawn on the CPU (device-independent) and
+        moved in one transfer."""
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, "device-loader"))
+        n = self.num_images
+        order = torch.randperm(n, generator=g)
+        offsets = torch.randint(0, 2 * self.pad + 1, (2, n), generator=g)
+        flip = torch.rand(n, generator=g) < 0.5
+        packed = torch.stack([order, offsets[0], offsets[1], flip.long()]).to(self.device)
+        return packed[0], packed[1], packed[2], packed[3].bool()
+
+    def _crop_flip(self, idx: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
+                   flip: torch.Tensor) -> torch.Tensor:
+        """One advanced-indexing gather: row ``dy + r`` and column ``dx + c`` (mirrored when flipped) of
+        each padded image; returns NHWC uint8."""
+        h, w = self.height, self.width
+        r = torch.arange(h, device=self.device)
+        c = torch.arange(w, device=self.device)
+        rows = (dy[:, None] + r)[:, :, None]                          # [B, H, 1]
+        c = torch.where(flip[:, None], w - 1 - c, c)                  # [B, W]
+        cols = (dx[:, None] + c)[:, None, :]                          # [B, 1, W]
+        return self.images[idx[:, None, None], rows, cols]            # [B, H, W, C]
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        # x is an NCHW view of NHWC memory; addcmul keeps that layout (channels_last).
+        out = torch.addcmul(self.shift, x.float(), self.scale)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return out.contiguous(memory_format=fmt)
+
+
+def train_transform(ds: ImageSet, pad: int = 4):
+    """torchvision's standard CIFAR training transform for ``ds``'s size and normalization."""
+    from torchvision import transforms as T
+
+    size = (int(ds.images.shape[2]), int(ds.images.shape[3]))
+    return T.Compose([T.RandomCrop(size, padding=pad), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(ds.mean, ds.std)])
+
+
+def eval_transform(ds: ImageSet):
+    from torchvision import transforms as T
+
+    return T.Compose([T.ToTensor(), T.Normalize(ds.mean, ds.std)])
+
+
+class ImageSetDataset(Dataset):
+    """An ``ImageSet`` as a map-style dataset of PIL images through ``transform``.
+
+    An index may be ``i`` (the transform draws from the global RNG, as in any torchvision pipeline) or
+    ``(i, seed)``: the transform then draws from a generator seeded with ``seed``, which makes the
+    augmentation independent of worker count and order.
+    """
+
+    def __init__(self, ds: ImageSet, transform):
+        self.images = ds.images
+        self.labels = ds.labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        image = Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
+        if seed is None:
+            return self.transform(image), int(self.labels[i])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), int(self.labels[i])
+
+
+class _EpochSampler(Sampler):
+    """Yields ``(index, sample_seed)`` for one epoch from a start position; both are functions of
+    ``(seed, epoch, position)`` only."""
+
+    def __init__(self, n: int, train: bool, seed: int):
+        self.n, self.train, self.seed = n, train, seed
+        self.epoch, self.start = 0, 0
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        base = epoch_seed(self.seed, self.epoch, "torchvision-loader")
+        if self.train:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(base)).tolist()
+        else:
+            order = list(range(self.n))
+        for pos in range(self.start, self.n):
+            yield order[pos], (base + pos) % 2**63
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group; the trainer handles it in the main process, and a worker
+    killed by it would turn a clean stop into a "worker exited unexpectedly" error."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class TorchvisionLoader:
+    """The ``DataLoader`` + PIL-transform path with ``DeviceLoader``'s contract (same constructor keywords,
+    ``iter_epoch``, batches on ``device``). Augmentation follows ``train_transform``."""
+
+    def __init__(self, ds: ImageSet, batch_size: int, *, device: str | torch.device = "cpu",
+                 train: bool = False, seed: int = 0, drop_last: bool = False, pad: int = 4,
+                 channels_last: bool = False, num_workers: int = 4):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.channels_last = channels_last
+        self.num_images = len(ds)
+        self.epoch = 0
+        self.sampler = _EpochSampler(len(ds), train, seed)
+        transform = train_transform(ds, pad) if train else eval_transform(ds)
+        self.loader = DataLoader(
+            ImageSetDataset(ds, transform), batch_size=batch_size, sampler=self.sampler,
+            drop_last=drop_last, num_workers=num_workers, persistent_workers=num_workers > 0,
+            pin_memory=self.device.type == "cuda", worker_init_fn=_ignore_sigint)
+
+    def __len__(self) -> int:
+        return _num_batches(self.num_images, self.batch_size, self.drop_last)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return self.iter_epoch(epoch)
+
+    def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.epoch, self.sampler.start = epoch, min(start_batch * self.batch_size, self.num_images)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        for x, y in self.loader:
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+            yield x, y.to(self.device, non_blocking=True)
+
+
+def fits_on_device(ds: ImageSet, device: torch.device, share: float = 0.25) -> bool:
+    """Whether ``ds`` (padded for augmentation) takes at most ``share`` of the device's free memory; on
+    the CPU the data is in memory already."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    h, w = ds.images.shape[2], ds.images.shape[3]
+    padded = ds.images.numel() // (h * w) * (h + 8) * (w + 8)
+    return padded <= share * free
+
+
+def make_loader(ds: ImageSet, batch_size: int, *, device: str | torch.device, train: bool, seed: int = 0,
+                drop_last: bool = False, path: str = "auto", num_workers: int = 4,
+                channels_last: bool = False) -> DeviceLoader | TorchvisionLoader:
+    """A ``DeviceLoader`` when ``path`` is ``device`` (or ``auto`` and the data fits), else a
+    ``TorchvisionLoader``."""
+    if path not in PATHS:
+        raise ValueError(f"unknown data path {path!r}; accepted: {', '.join(PATHS)}")
+    device = torch.device(device)
+    kwargs = dict(device=device, train=train, seed=seed, drop_last=drop_last, channels_last=channels_last)
+    if path == "device" or (path == "auto" and fits_on_device(ds, device)):
+        return DeviceLoader(ds, batch_size, **kwargs)
+    return TorchvisionLoader(ds, batch_size, num_workers=num_workers, **kwargs)
+

@@ -21,10 +21,11 @@ from .compensate import compensate, recalibrate_bn
 from .data import ImageSet
 from .evaluate import Metrics, accuracy, evaluate
 from .models import create_model
-from .plan import PlanSpec, make_keep
+from .baseline import trained_baseline
+from .plan import PlanSpec, format_sensitivity, heldout_loss, make_keep
 from .pruning import apply_keep, channel_sets
 from .scoring import Scorer, StatRequest
-from .train import TrainRecipe, train, trained_baseline
+from .train import TrainRecipe, train
 from .types import ChannelSet, Keep, LayerStats, Order, Orders
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Experiment:
     scorer: Scorer
     plan: PlanSpec
     run_dir: Path
+    model_kwargs: dict[str, Any] = field(default_factory=dict)   # extra create_model arguments
     checkpoint: str | None = None
     pretrained: bool = False
     allow_pickle: bool = False
@@ -83,7 +85,7 @@ def resolve_device(name: str) -> torch.device:
 
 def load_baseline(exp: Experiment, cache: Cache) -> nn.Module:
     """Baseline stage: the unpruned model with its weights (file, URL, built-in, or trained once)."""
-    model = create_model(exp.model_name, num_classes=exp.train_set.num_classes)
+    model = create_model(exp.model_name, num_classes=exp.train_set.num_classes, **exp.model_kwargs)
     if exp.checkpoint:
         return checkpoints.load_weights(model, exp.checkpoint, allow_pickle=exp.allow_pickle)
     if exp.pretrained:
@@ -91,15 +93,16 @@ def load_baseline(exp: Experiment, cache: Cache) -> nn.Module:
     if exp.baseline_recipe is not None:
         return trained_baseline(exp.model_name, exp.train_set.num_classes, exp.train_set, exp.test_set,
                                 exp.baseline_recipe, seed=exp.seed, device=exp.device,
-                                cache_dir=cache.root, progress=exp.progress)
+                                cache_dir=cache.root, model_kwargs=exp.model_kwargs, progress=exp.progress)
     raise ValueError(f"model {exp.model_name!r} has no weights: set model.checkpoint=PATH_OR_URL, "
                      f"model.pretrained=true, or baseline.train=true")
 
 
 def collect_and_score(model: nn.Module, sets: list[ChannelSet], exp: Experiment, cache: Cache,
                       timings: dict[str, float], cache_log: dict[str, str]
-                      ) -> tuple[Orders, dict[str, LayerStats]]:
-    """Collect stage + score stage, each cached by content (model weights, images, options)."""
+                      ) -> tuple[Orders, dict[str, LayerStats], str]:
+    """Collect stage + score stage, each cached by content (model weights, images, options); returns
+    the orders, the statistics and the orders' cache key."""
     requests = set(exp.scorer.requests())
     if exp.compensate != "none":
         requests.add(StatRequest.moments())
@@ -130,7 +133,44 @@ def collect_and_score(model: nn.Module, sets: list[ChannelSet], exp: Experiment,
     raw_orders, hit = cache.get_or_compute("orders", orders_key, score)
     cache_log["orders"] = "hit" if hit else "miss"
     timings["score"] = time.perf_counter() - start
-    return {name: Order(**d) for name, d in raw_orders.items()}, stats
+    return {name: Order(**d) for name, d in raw_orders.items()}, stats, orders_key
+
+
+def pruner(model: nn.Module, sets: list[ChannelSet], stats: dict[str, LayerStats], orders: Orders,
+           exp: Experiment, example: torch.Tensor, comp_log: dict[str, str] | None = None):
+    """``keep -> pruned copy of model``, with the run's compensation folded in first."""
+
+    def prune(keep: Keep) -> nn.Module:
+        if exp.compensate == "none":
+            return apply_keep(model, keep, example)
+        edited = copy.deepcopy(model)
+        status = compensate(edited, sets, stats, orders, keep, exp.compensate, ridge=exp.ridge)
+        if comp_log is not None:
+            comp_log.update(status)
+        return apply_keep(edited, keep, example)
+
+    return prune
+
+
+def plan_stage(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats: dict[str, LayerStats],
+               orders_key: str, exp: Experiment, cache: Cache, example: torch.Tensor,
+               cache_log: dict[str, str]) -> tuple[Keep, dict[str, Any]]:
+    """Plan stage; a sensitivity table is measured once per scores, compensation and slice, then cached."""
+    plan = exp.plan
+    prune_fn = pruner(model, sets, stats, orders, exp, example)
+    loss_of = sensitivity = None
+    if plan.allocation == "sensitivity":
+        loss_of = heldout_loss(exp.train_set, plan.sensitivity_images, skip=exp.num_images, seed=exp.seed,
+                               device=exp.device)
+        key = fingerprint("sensitivity", orders_key, plan.sensitivity_grid, plan.sensitivity_images,
+                          plan.min_channels, exp.compensate, exp.ridge)
+        sensitivity, hit = cache.get_or_compute("sensitivity", key, lambda: make_keep(
+            orders, sets, plan, model=model, example_input=example, loss_of=loss_of,
+            prune_fn=prune_fn)[1]["sensitivity"])
+        cache_log["sensitivity"] = "hit" if hit else "miss"
+        log.info("sensitivity (loss increase per ratio):\n%s", format_sensitivity(sensitivity))
+    return make_keep(orders, sets, plan, model=model, example_input=example, loss_of=loss_of,
+                     prune_fn=prune_fn, sensitivity=sensitivity)
 
 
 def keep_after_removing(order: Order, size: int, n_remove: int) -> list[int]:
@@ -155,18 +195,15 @@ def prune_stage(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats:
     for step in range(1, exp.iterative_steps + 1):
         if step > 1:
             sets = channel_sets(current, example, scope=exp.plan.scope)
-            orders, stats = collect_and_score(current, sets, exp, cache, timings, cache_log)
+            orders, stats, _ = collect_and_score(current, sets, exp, cache, timings, cache_log)
         step_keep = {}
         for s in sets:
             target = sizes[s.name] - round(totals[s.name] * step / exp.iterative_steps)
             step_keep[s.name] = keep_after_removing(orders[s.name], s.size, s.size - target)
-        current = copy.deepcopy(current)
-        if exp.compensate != "none":
-            comp_log = compensate(current, sets, stats, orders, step_keep, exp.compensate, ridge=exp.ridge)
-            for name, status in comp_log.items():
-                if status != "compensated":
-                    log.warning("compensation %s: %s", name, status)
-        current = apply_keep(current, step_keep, example)
+        current = pruner(current, sets, stats, orders, exp, example, comp_log)(step_keep)
+    for name, status in comp_log.items():
+        if status != "compensated":
+            log.warning("compensation %s: %s", name, status)
     if exp.bn_recalibration:
         recalibrate_bn(current, exp.train_set, exp.bn_recalibration, batch_size=exp.collect_batch_size,
                        device=exp.device, seed=exp.seed)
@@ -200,11 +237,11 @@ def run_experiment(exp: Experiment) -> dict[str, Any]:
     model = load_baseline(exp, cache).to(exp.device).eval()
     example = exp.test_set.images[:1].float().to(exp.device)
     sets = channel_sets(model, example, scope=exp.plan.scope)
-    exp.plan.validate(sets)
+    exp.plan.validate(sets, model)
 
-    orders, stats = collect_and_score(model, sets, exp, cache, timings, cache_log)
+    orders, stats, orders_key = collect_and_score(model, sets, exp, cache, timings, cache_log)
     start = time.perf_counter()
-    keep, plan_info = make_keep(orders, sets, exp.plan, model=model, example_input=example)
+    keep, plan_info = plan_stage(model, sets, orders, stats, orders_key, exp, cache, example, cache_log)
     pruned, comp_log = prune_stage(model, sets, orders, stats, keep, exp, cache, timings, cache_log)
     timings["prune"] = time.perf_counter() - start
 

@@ -15,6 +15,10 @@ class ChannelSet:
     module ``tap``: its input (forward pre-hook) when ``tap_input`` is true, else its output.
     ``consumers`` are the conv/linear modules that read that map directly, so a compensation can be folded
     into their weights; empty when the reader is anything else (compensation is then skipped).
+    ``consumer_norms[k]`` is the BatchNorm that reads ``consumers[k]``'s output ("" if none): where a
+    compensation's constant goes when the consumer has no bias. ``kind`` is ``"conv"`` (one producing
+    conv, possibly followed by depthwise convs), ``"stream"`` (a residual stream or a map added into one)
+    or ``"concat"`` (a map concatenated with others).
     """
 
     name: str
@@ -24,6 +28,7 @@ class ChannelSet:
     tap_input: bool = True
     consumers: tuple[str, ...] = ()
     kind: str = "conv"
+    consumer_norms: tuple[str, ...] = ()
 
 
 @dataclass

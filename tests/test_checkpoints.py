@@ -13,25 +13,25 @@ from .conftest import CIFAR_ROOT, shared_file
 
 
 def test_wrapped_and_prefixed_state_dict_loads(tmp_path):
-    source = create_model("resnet8_tiny")
+    source = create_model("resnet8")
     wrapped = {"best_prec1": 1.0, "state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}
     torch.save(wrapped, tmp_path / "ckpt.th")
-    target = load_weights(create_model("resnet8_tiny"), str(tmp_path / "ckpt.th"))
+    target = load_weights(create_model("resnet8"), str(tmp_path / "ckpt.th"))
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value)
 
 
 def test_raw_state_dict_loads(tmp_path):
-    source = create_model("resnet8_tiny")
+    source = create_model("resnet8")
     torch.save(source.state_dict(), tmp_path / "raw.pt")
-    target = load_weights(create_model("resnet8_tiny"), str(tmp_path / "raw.pt"))
+    target = load_weights(create_model("resnet8"), str(tmp_path / "raw.pt"))
     assert torch.equal(target.conv1.weight, source.conv1.weight)
 
 
 def test_wrong_architecture_names_keys_and_shapes(tmp_path):
     torch.save(create_model("resnet20").state_dict(), tmp_path / "r20.pt")
     with pytest.raises(CheckpointError) as err:
-        load_weights(create_model("resnet8_tiny"), str(tmp_path / "r20.pt"))
+        load_weights(create_model("resnet8", stage_widths=(4, 8, 16)), str(tmp_path / "r20.pt"))
     message = str(err.value)
     assert "\n" not in message
     assert "unexpected: layer1.1.conv1.weight" in message
@@ -40,13 +40,13 @@ def test_wrong_architecture_names_keys_and_shapes(tmp_path):
 
 def test_missing_checkpoint_is_one_clear_line():
     with pytest.raises(CheckpointError, match=r"checkpoint 'nope\.th' not found"):
-        load_weights(create_model("resnet8_tiny"), "nope.th")
+        load_weights(create_model("resnet8"), "nope.th")
 
 
 def test_pickled_objects_need_the_explicit_flag(tmp_path):
     torch.save({"args": argparse.Namespace(lr=0.1), "state_dict": {}}, tmp_path / "pickled.pt")
     with pytest.raises(CheckpointError, match="model.allow_pickle=true"):
-        load_weights(create_model("resnet8_tiny"), str(tmp_path / "pickled.pt"))
+        load_weights(create_model("resnet8"), str(tmp_path / "pickled.pt"))
 
 
 def test_unknown_pretrained_name_lists_the_available_ones():

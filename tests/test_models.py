@@ -54,7 +54,7 @@ def test_every_registered_model_runs_and_rebuilds_from_its_widths():
     for name in list_models():
         model = create_model(name, num_classes=7).eval()
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
-        rebuilt = type(model)(num_classes=7, **model.widths())
+        rebuilt = create_model(name, num_classes=7, **model.widths())
         assert count_params(rebuilt) == count_params(model)
 
 

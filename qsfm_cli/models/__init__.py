@@ -39,7 +39,11 @@ def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     if name.startswith("tv_"):
         builder = _torchvision_builder(name[3:])
         if builder is not None:
-            return builder(weights=None, num_classes=num_classes, **kwargs)
+            model = builder(weights=None, num_classes=num_classes, **kwargs)
+            # What rebuilds it after pruning (qsfm_cli.pruning.architecture): a torchvision class does not
+            # know which builder made it.
+            model.registry_spec = {"name": name, "num_classes": num_classes, "kwargs": dict(kwargs)}
+            return model
     raise ValueError(
         f"unknown model {name!r}; accepted: {', '.join(list_models())} or tv_<torchvision model name>"
     )

@@ -3,7 +3,8 @@
 Module names follow the public ``pytorch_resnet_cifar10`` checkpoints (``conv1, bn1, layer1.0.conv1, ...,
 linear``) so those weights load directly. Widths are stored per layer so that a pruned network is the
 same class with smaller numbers: ``stage_widths`` are the residual-stream widths of the three stages,
-``mid_widths`` the inner width of every block, in order.
+``mid_widths`` the inner width of every block, in order, ``stem_width`` the stem conv's width (the
+stage-1 width unless the stem is pruned on its own, as CHIP's rate layout does).
 """
 from __future__ import annotations
 
@@ -51,8 +52,9 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(mid_planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         if shortcut_index is None and (stride != 1 or in_planes != planes):
+            # Symmetric zero padding; a negative pad crops, like F.pad in the HRank/CHIP code.
             pad = (planes - in_planes) // 2
-            shortcut_index = range(pad, pad + in_planes)
+            shortcut_index = [c + pad if 0 <= c + pad < planes else -1 for c in range(in_planes)]
         self.shortcut: nn.Module = (
             nn.Identity() if shortcut_index is None else PadShortcut(shortcut_index, planes, stride)
         )
@@ -66,7 +68,8 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     def __init__(self, depth: int, num_classes: int = 10, stage_widths: Sequence[int] = (16, 32, 64),
                  mid_widths: Sequence[int] | None = None,
-                 shortcut_indices: Sequence[Sequence[int] | None] | None = None):
+                 shortcut_indices: Sequence[Sequence[int] | None] | None = None,
+                 stem_width: int | None = None):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
@@ -76,9 +79,10 @@ class CifarResNet(nn.Module):
         self.mid_widths = list(mid_widths) if mid_widths is not None else [
             w for w in self.stage_widths for _ in range(n)]
         self.shortcut_indices = list(shortcut_indices) if shortcut_indices is not None else [None] * 3
-        self.conv1 = nn.Conv2d(3, self.stage_widths[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(self.stage_widths[0])
-        in_planes = self.stage_widths[0]
+        self.stem_width = stem_width if stem_width is not None else self.stage_widths[0]
+        self.conv1 = nn.Conv2d(3, self.stem_width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(self.stem_width)
+        in_planes = self.stem_width
         mids = iter(self.mid_widths)
         for s, planes in enumerate(self.stage_widths):
             blocks = []
@@ -103,9 +107,11 @@ class CifarResNet(nn.Module):
         return self.linear(out)
 
     def widths(self) -> dict:
-        """Constructor arguments that rebuild this (possibly pruned) architecture."""
-        return {"depth": self.depth, "stage_widths": self.stage_widths, "mid_widths": self.mid_widths,
-                "shortcut_indices": [None if i is None else list(i) for i in self.shortcut_indices]}
+        """Keyword arguments of ``create_model(f"resnet{depth}", ...)`` that rebuild this (possibly pruned)
+        architecture."""
+        return {"stage_widths": self.stage_widths, "mid_widths": self.mid_widths,
+                "shortcut_indices": [None if i is None else list(i) for i in self.shortcut_indices],
+                "stem_width": self.stem_width}
 
 
 def _resnet(depth: int):
@@ -117,11 +123,5 @@ def _resnet(depth: int):
     return register_model(build)
 
 
-resnet20, resnet32, resnet44, resnet56, resnet110 = (_resnet(d) for d in (20, 32, 44, 56, 110))
+resnet8, resnet20, resnet32, resnet44, resnet56, resnet110 = (_resnet(d) for d in (8, 20, 32, 44, 56, 110))
 
-
-@register_model
-def resnet8_tiny(num_classes: int = 10, **kwargs) -> CifarResNet:
-    """ResNet-8 with 4/8/16 channels: a seconds-long model for smoke tests."""
-    kwargs.setdefault("stage_widths", (4, 8, 16))
-    return CifarResNet(8, num_classes, **kwargs)

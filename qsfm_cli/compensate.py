@@ -1,0 +1,145 @@
+"""Recovering accuracy without fine-tuning: fold removed channels into their consumers, re-estimate BN.
+
+A removed channel j whose map is (nearly) an affine function of kept maps, F_j ~ sum_k A[j, k] F_k + b_j,
+can be removed with (almost) no change to its consumer: per pixel, the consumer computes
+sum_c W[:, c] * F_c, so adding W[:, j] A[j, k] to W[:, k] reproduces the linear part exactly, and the
+constant b_j contributes b_j * (sum over the kernel of W[o, j]) to output o, which goes into the consumer's
+bias or, when it has none, is subtracted from the running mean of the BatchNorm that reads its output
+(exact away from the zero-padded border). The fits come from the streaming moments ``LayerStats.mean``
+and ``LayerStats.gram``: covariance = gram - mean mean^T.
+
+- ``twin``: F_j ~ a F_i + b with i the twin the scorer paired j with (QSFM), folded in removal order so
+  that a twin removed later carries what it received; a channel without a usable twin (a dead channel)
+  is folded as its mean.
+- ``lstsq``: all removed maps of a set regressed on all kept maps at once (ridge-regularized).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .data import ImageSet
+from .loaders import DeviceLoader
+from .types import ChannelSet, Keep, LayerStats, Orders
+
+MODES = ("twin", "lstsq")
+
+
+def compensate(model: nn.Module, channel_sets: list[ChannelSet], stats: dict[str, LayerStats], orders: Orders,
+               keep: Keep, mode: str, ridge: float = 1e-3) -> dict[str, str]:
+    """Edit, in place, the consumers of every set that loses channels under ``keep`` so that they
+    approximate what they computed with all channels; call before ``apply_keep``.
+
+    Returns, per such set, "compensated" or "skipped: <why>" (for the log and ``metrics.json``).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown prune.compensate {mode!r}; accepted: none, {', '.join(MODES)}")
+    if ridge < 0:
+        raise ValueError(f"prune.ridge must be >= 0, got {ridge}")
+    status = {}
+    for s in channel_sets:
+        kept = sorted(keep.get(s.name, range(s.size)))
+        removed_set = set(range(s.size)) - set(kept)
+        if not removed_set:
+            continue
+        reason = _skip_reason(model, s, stats.get(s.name), mode, orders.get(s.name))
+        if reason:
+            status[s.name] = f"skipped: {reason}"
+            continue
+        st = stats[s.name]
+        mean = st.mean.double().cpu()
+        cov = st.gram.double().cpu() - torch.outer(mean, mean)
+        for consumer, norm in zip(s.consumers, s.consumer_norms or ("",) * len(s.consumers)):
+            layer = model.get_submodule(consumer)
+            weight = layer.weight.detach().double().cpu().clone()
+            if mode == "twin":
+                const = _fold_twins(weight, orders[s.name], removed_set, mean, cov)
+            else:
+                const = _fold_lstsq(weight, kept, sorted(removed_set), mean, cov, ridge)
+            _write(model, layer, norm, weight, const)
+        status[s.name] = "compensated"
+    return status
+
+
+def _skip_reason(model: nn.Module, s: ChannelSet, st: LayerStats | None, mode: str, order) -> str:
+    if not s.consumers:
+        return ("its map is not read by plain conv/linear layers only (residual stream, concatenation or "
+                "depthwise conv), so no weight can absorb the removed channels")
+    if st is None or st.mean is None or st.gram is None:
+        return "no channel moments (mean, gram) were collected for it"
+    if mode == "twin" and (order is None or order.twins is None):
+        return "the scorer pairs no twins (only qsfm does); prune.compensate=lstsq works with any scorer"
+    for consumer, norm in zip(s.consumers, s.consumer_norms or ("",) * len(s.consumers)):
+        if model.get_submodule(consumer).bias is None and not norm:
+            return f"consumer {consumer} has neither a bias nor a BatchNorm after it to take the constant"
+    return ""
+
+
+def _fold_twins(weight: torch.Tensor, order, removed: set[int], mean: torch.Tensor, cov: torch.Tensor
+                ) -> torch.Tensor:
+    """Fold removed channels into their twins in removal order; returns the per-output constant."""
+    const = torch.zeros(weight.shape[0], dtype=torch.float64)
+    gone: set[int] = set()
+    for j, i in zip(order.removal, order.twins):
+        if j not in removed:
+            continue
+        usable = 0 <= i != j and i not in gone and cov[i, i] > 1e-12 * max(float(cov.diagonal().max()), 1e-30)
+        a = float(cov[i, j] / cov[i, i]) if usable else 0.0
+        b = float(mean[j] - a * mean[i]) if usable else float(mean[j])
+        if usable:
+            weight[:, i] += a * weight[:, j]
+        const += b * weight[:, j].reshape(weight.shape[0], -1).sum(1)
+        gone.add(j)
+    return const
+
+
+def _fold_lstsq(weight: torch.Tensor, kept: list[int], removed: list[int], mean: torch.Tensor,
+                cov: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Regress removed maps on kept ones, F_D ~ A F_K + b, and fold A into the kept columns."""
+    k, d = torch.as_tensor(kept), torch.as_tensor(removed)
+    cov_kk = cov[k][:, k]
+    # The ridge is relative to the kept maps' mean variance, so it means the same at any activation scale.
+    lam = ridge * float(cov_kk.diagonal().mean().clamp_min(1e-30))
+    a = torch.linalg.solve(cov_kk + lam * torch.eye(len(kept), dtype=cov.dtype), cov[k][:, d]).T  # [D, K]
+    b = mean[d] - a @ mean[k]
+    w_d = weight[:, d]
+    weight[:, k] += torch.einsum("od...,dk->ok...", w_d, a)
+    return torch.einsum("od,d->o", w_d.reshape(*w_d.shape[:2], -1).sum(-1), b)
+
+
+@torch.no_grad()
+def _write(model: nn.Module, layer: nn.Module, norm: str, weight: torch.Tensor, const: torch.Tensor) -> None:
+    layer.weight.copy_(weight.to(layer.weight))
+    if layer.bias is not None:
+        layer.bias.add_(const.to(layer.bias))
+    else:
+        bn = model.get_submodule(norm)
+        bn.running_mean.sub_(const.to(bn.running_mean))
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, images: ImageSet, n: int, batch_size: int = 128,
+                   device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics on ``n`` images of ``images`` (no augmentation):
+    forward passes with only the BatchNorms in training mode (dropout and stochastic depth stay off), a
+    cumulative average over all batches, no weight update. Leaves the model in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    if n < 2:
+        raise ValueError(f"prune.bn_recalibration needs at least 2 images, got {n}")
+    sample = images.sample(n, seed)
+    momenta = [bn.momentum for bn in norms]
+    model.to(device).eval()
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    try:
+        # A last batch of one image would break BatchNorm1d on a pooled vector: drop it when there are more.
+        for x, _ in DeviceLoader(sample, batch_size, device=device, drop_last=len(sample) > batch_size):
+            model(x)
+    finally:
+        for bn, momentum in zip(norms, momenta):
+            bn.momentum = momentum
+        model.eval()
+    return model

@@ -1,0 +1,474 @@
+"""``qsfm-report``: merge run directories into one table and a few plots.
+
+A run is any directory holding a ``metrics.json`` (a single ``qsfm-run`` or one job of a multirun), so
+the report needs no knowledge of how a sweep was launched. Plots use matplotlib's object API (no pyplot):
+no global backend state, no figures left open in long sessions.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pandas as pd
+import yaml
+from matplotlib.figure import Figure
+
+from .outputs import METRICS_FILE, atomic_write, results_row, write_text
+from .references import Reference, references_for
+
+TRAIN_LOG = "train_log.csv"
+SORT_KEYS = ["model", "scorer", "ratio", "threshold", "target_macs_reduction", "compensate",
+             "finetune_epochs", "seed", "run"]
+# Settings a run records beside its results: together with the results row they identify the run.
+SETTING_KEYS = ["model", "dataset", "scorer", "protocol", "ratio", "rates", "threshold",
+                "target_macs_reduction", "compensate", "seed", "finetune_epochs"]
+# Where a failed run's settings sit in its config (a failed metrics.json may hold only the config).
+CONFIG_PATHS = {"model": "model.name", "dataset": "dataset.name", "scorer": "scorer.name",
+                "ratio": "prune.ratio", "rates": "prune.rates", "threshold": "prune.threshold",
+                "target_macs_reduction": "prune.target_macs_reduction", "compensate": "prune.compensate",
+                "seed": "seed", "finetune_epochs": "finetune.epochs"}
+MD_COLUMNS = {  # results.csv column -> results.md header
+    "model": "model", "scorer": "scorer", "protocol": "protocol", "ratio": "ratio",
+    "compensate": "compensate", "finetune_epochs": "FT epochs", "base_top1": "base top-1",
+    "top1_before_finetune": "top-1 pruned", "pruned_top1": "top-1 final", "top1_drop": "top-1 drop",
+    "pruned_MACs_M": "MACs (M)", "MACs_reduction_%": "MACs ↓%", "pruned_params_M": "params (M)",
+    "params_reduction_%": "params ↓%", "speedup_b1": "speedup b1", "time_score_s": "score s",
+    "time_total_s": "total s",
+}
+
+
+class ReportError(ValueError):
+    """Bad input to the report (no runs found, unknown run directory)."""
+
+
+# --------------------------------------------------------------------------------------------- collect
+
+def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """Every directory at or below ``paths`` that holds a ``metrics.json``, in path order."""
+    found: set[Path] = set()
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ReportError(f"no such run or sweep directory: {str(path)!r}")
+        if path.is_file():
+            if path.name != METRICS_FILE:
+                raise ReportError(f"{str(path)!r} is neither a directory nor a {METRICS_FILE}")
+            found.add(path.parent.resolve())
+            continue
+        found.update(m.parent.resolve() for m in path.rglob(METRICS_FILE))
+    return sorted(found)
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    """The run's metrics; an unreadable file becomes a failed run rather than stopping the report."""
+    try:
+        return json.loads((run_dir / METRICS_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        return {"status": "failed", "error": f"unreadable {METRICS_FILE}: {exc}"}
+
+
+def read_overrides(run_dir: Path) -> str:
+    """Hydra's command-line overrides of the run, comma-joined ('' when not a Hydra run)."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return ""
+    overrides = yaml.safe_load(path.read_text()) or []
+    return ",".join(str(o) for o in overrides)
+
+
+def run_record(run_dir: Path, metrics: dict[str, Any], label: str) -> dict[str, Any]:
+    """One report row: settings, status and, for finished runs, the results row plus timings."""
+    row: dict[str, Any] = {"run": label, "path": str(run_dir), "status": metrics.get("status", "failed"),
+                           "error": metrics.get("error"), "overrides": read_overrides(run_dir)}
+    config = flatten(metrics.get("config") or {})
+    row.update({key: metrics.get(key, config.get(CONFIG_PATHS.get(key, ""))) for key in SETTING_KEYS})
+    if row["status"] != "ok":
+        return row
+    try:
+        row.update(results_row(metrics))
+    except (KeyError, TypeError, ZeroDivisionError) as exc:
+        row.update(status="failed", error=f"incomplete {METRICS_FILE}: missing or bad {exc}")
+        return row
+    for stage, seconds in (metrics.get("timings_s") or {}).items():
+        row[f"time_{stage}_s"] = seconds
+    for kind, state in (metrics.get("cache") or {}).items():
+        row[f"cache_{kind}"] = state
+    row["has_train_log"] = (run_dir / TRAIN_LOG).is_file()
+    return row
+
+
+def collect_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """All runs under ``paths``, one row each (ok and failed), sorted by model/scorer/ratio.
+
+    ``run`` is the run's path below the runs' common folder (in a sweep: Hydra's ``override_dirname``,
+    i.e. what varied); ``path`` is absolute.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ReportError("no run or sweep directory given")
+    run_dirs = find_run_dirs(paths)
+    if not run_dirs:
+        raise ReportError(f"no {METRICS_FILE} found under: {', '.join(map(str, paths))}")
+    labels = _labels(run_dirs)
+    df = pd.DataFrame([run_record(d, read_metrics(d), labels[d]) for d in run_dirs])
+    keys = [k for k in SORT_KEYS if k in df.columns]
+    return df.sort_values(keys, na_position="last", kind="stable", key=_sort_key).reset_index(drop=True)
+
+
+def _labels(run_dirs: Sequence[Path]) -> dict[Path, str]:
+    """Each run's path below the runs' deepest common folder: in one sweep, what varied."""
+    if len(run_dirs) == 1:
+        return {run_dirs[0]: run_dirs[0].name}
+    common = Path(os.path.commonpath(run_dirs))
+    return {d: str(d.relative_to(common)) for d in run_dirs}
+
+
+def _sort_key(column: pd.Series) -> pd.Series:
+    """Numbers sort as numbers, anything else as text (columns may mix None, floats and strings)."""
+    numeric = pd.to_numeric(column, errors="coerce")
+    if numeric.notna().sum() == column.notna().sum():
+        return numeric
+    return column.astype("string")
+
+
+def ok_runs(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["status"] == "ok"]
+
+
+def failed_runs(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["status"] != "ok"]
+
+
+# --------------------------------------------------------------------------------------------- tables
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured table (pandas' ``to_markdown`` needs the optional ``tabulate``)."""
+    def cell(value: Any) -> str:
+        if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+            return ""
+        if isinstance(value, float):
+            return f"{value:g}" if abs(value) < 1e6 else f"{value:.4g}"
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    header = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def results_markdown(df: pd.DataFrame, plots: Sequence[Path] = ()) -> str:
+    """``results.md``: the ok runs, the published reference rows for their models, the failed runs."""
+    ok, failed = ok_runs(df), failed_runs(df)
+    parts = [f"# Results\n\n{len(ok)} finished run(s), {len(failed)} failed.\n"]
+    if len(ok):
+        columns = [c for c in MD_COLUMNS if c in ok.columns and ok[c].notna().any()]
+        table = ok[["run", *columns]].rename(columns=MD_COLUMNS)
+        parts.append(markdown_table(table))
+        parts.append(time_summary(ok))
+    refs = _references_for_runs(ok)
+    if refs:
+        parts.append("## Published references\n\nAs stated by each paper (their own baselines and "
+                     "training; fine-tuned unless marked otherwise).\n")
+        parts.append(markdown_table(references_frame(refs)))
+    if len(failed):
+        parts.append("## Failed runs\n")
+        parts.append(markdown_table(failed[["run", "overrides", "error"]]))
+    parts += [f"![{p.stem}]({p.name})\n" for p in plots]
+    return "\n".join(parts)
+
+
+def time_summary(ok: pd.DataFrame) -> str:
+    """Job time summed over the finished runs, split by stage (what a sweep's wall time was spent on)."""
+    stages = [c for c in ok.columns if c.startswith("time_") and c.endswith("_s") and c != "time_total_s"]
+    if "time_total_s" not in ok.columns:
+        return ""
+    total = ok["time_total_s"].sum()
+    parts = [f"{c[5:-2]} {ok[c].sum():.1f} s" for c in stages if ok[c].notna().any()]
+    other = total - sum(ok[c].sum() for c in stages)
+    parts.append(f"other (baseline, loading) {other:.1f} s")
+    return f"Job time summed over these runs: {total:.1f} s ({', '.join(parts)}).\n"
+
+
+def references_frame(refs: Sequence[Reference]) -> pd.DataFrame:
+    return pd.DataFrame([{
+        "method": r.method, "model": r.model, "base top-1": r.base_top1, "top-1": r.top1,
+        "top-1 drop": r.top1_drop, "MACs (M)": r.macs_M, "MACs ↓%": r.macs_reduction_pct,
+        "params (M)": r.params_M, "params ↓%": r.params_reduction_pct,
+        "fine-tuned": "yes" if r.finetuned else "no", "source": f"{r.source}, {r.where}",
+    } for r in refs])
+
+
+def _references_for_runs(ok: pd.DataFrame) -> list[Reference]:
+    pairs = ok[["model", "dataset"]].drop_duplicates().itertuples(index=False) if len(ok) else []
+    return [ref for model, dataset in pairs for ref in references_for(str(model), str(dataset))]
+
+
+# --------------------------------------------------------------------------------------------- plots
+
+def _series_label(run: pd.Series) -> str:
+    """What distinguishes a line within one model's panel: scorer, compensation, fine-tuning."""
+    label = str(run["scorer"])
+    if run.get("compensate") not in (None, "none") and not pd.isna(run.get("compensate")):
+        label += f" +{run['compensate']}"
+    if (run.get("finetune_epochs") or 0) > 0:
+        label += f", FT {int(run['finetune_epochs'])} ep"
+    return label
+
+
+_PROTOCOL_KEYS = {"ratio": "ratio", "rates": "rates", "threshold": "threshold",
+                  "target": "target_macs_reduction", "sensitivity": "target_macs_reduction"}
+
+
+def _setting_text(run: Any) -> str:
+    """The pruning amount as its protocol states it: 'ratio 0.5', 'threshold 0.9', 'target 0.4'."""
+    protocol = run.get("protocol")
+    value = run.get(_PROTOCOL_KEYS.get(str(protocol), "ratio"))
+    return f"{protocol or 'ratio'} {value}"
+
+
+def plot_pareto(df: pd.DataFrame) -> Figure:
+    """Top-1 change against MACs reduction, one panel per model/dataset, one line per scorer.
+
+    The y axis is the change from each run's own baseline so that papers with other baselines (and QSFM,
+    which states only its drop) sit on the same scale. Seeds of one setting are averaged.
+    """
+    ok = ok_runs(df).copy()
+    if not len(ok):
+        raise ReportError("no finished run to plot")
+    ok["top1_change"] = -ok["top1_drop"].astype(float)
+    ok["series"] = ok.apply(_series_label, axis=1)
+    panels = list(ok.groupby(["model", "dataset"], sort=True))
+    fig = Figure(figsize=(7.0 * len(panels), 6.5), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, ((model, dataset), runs) in zip(axes, panels):
+        colors = {}
+        for series, points in runs.groupby("series", sort=True):
+            setting = points.groupby(["ratio", "threshold", "target_macs_reduction", "rates"],
+                                     dropna=False)[["MACs_reduction_%", "top1_change"]]
+            mean, std = setting.mean().sort_values("MACs_reduction_%"), setting.std()
+            bars = ax.errorbar(mean["MACs_reduction_%"], mean["top1_change"],
+                               yerr=std.loc[mean.index, "top1_change"].fillna(0.0),
+                               marker="o", ms=4, capsize=2, label=series)
+            colors[series] = bars.lines[0].get_color()
+        _plot_references(ax, references_for(str(model), str(dataset)), colors)
+        ax.axhline(0.0, color="grey", lw=0.8, ls=":")
+        ax.set(title=f"{model} on {dataset}", xlabel="MACs reduction (%)",
+               ylabel="top-1 change vs own baseline (pp)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2)
+    return fig
+
+
+_REF_MARKERS = {"qsfm": "*", "hrank": "s", "chip": "D"}
+
+
+def _plot_references(ax: Any, refs: Sequence[Reference], colors: dict[str, str]) -> None:
+    """Published rows as hollow markers, in the colour of the same criterion's line when there is one."""
+    shown: set[str] = set()
+    for ref in refs:
+        if ref.macs_reduction_pct is None or ref.top1_drop is None:
+            continue
+        ax.scatter([ref.macs_reduction_pct], [-ref.top1_drop], marker=_REF_MARKERS.get(ref.method, "X"),
+                   s=80, facecolors="none", edgecolors=colors.get(ref.method, "black"), linewidths=1.4,
+                   zorder=3, label=None if ref.label in shown else ref.label)
+        shown.add(ref.label)
+
+
+def plot_kept_channels(run_dir: Path) -> Figure:
+    """Kept vs total channels of every pruned layer of one run."""
+    metrics = read_metrics(run_dir)
+    kept = metrics.get("kept_channels")
+    if not kept:
+        raise ReportError(f"run {str(run_dir)!r} has no kept_channels (status {metrics.get('status')!r})")
+    names = list(kept)
+    totals = [kept[n]["total"] for n in names]
+    fig = Figure(figsize=(max(6.0, 0.22 * len(names) + 2), 4.5), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(names, totals, color="lightgrey", label="total")
+    ax.bar(names, [kept[n]["kept"] for n in names], color="tab:blue", label="kept")
+    ax.set(ylabel="channels", title=f"kept channels: {metrics.get('model')} / {metrics.get('scorer')}"
+                                    f" / {_setting_text(metrics)} ({run_dir.name})")
+    ax.tick_params(axis="x", labelrotation=90, labelsize=6)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_finetune(df: pd.DataFrame) -> Figure | None:
+    """Test top-1 and training loss per epoch for every run that was fine-tuned; None when none was."""
+    runs = ok_runs(df)
+    if "has_train_log" not in runs:
+        return None
+    runs = runs[runs["has_train_log"].astype(bool)]
+    if not len(runs):
+        return None
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    acc_ax, loss_ax = fig.subplots(1, 2)
+    for _, run in runs.iterrows():
+        log = pd.read_csv(Path(run["path"]) / TRAIN_LOG)
+        label = f"{run['model']} {_series_label(run)}, {_setting_text(run)}"
+        acc_ax.plot(log["epoch"], log["test_top1"], marker=".", label=label)
+        loss_ax.plot(log["epoch"], log["loss"], marker=".", label=label)
+    acc_ax.set(xlabel="epoch", ylabel="test top-1 (%)", title="fine-tuning: test top-1")
+    loss_ax.set(xlabel="epoch", ylabel="training loss", title="fine-tuning: loss")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+    acc_ax.legend(fontsize=7)
+    return fig
+
+
+def save_png(fig: Figure, path: Path) -> Path:
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    return path
+
+
+# --------------------------------------------------------------------------------------------- report
+
+def write_report(df: pd.DataFrame, out_dir: str | Path, layers_run: str | Path | None = None) -> list[Path]:
+    """Write results.csv, failed.csv (if any), the plots and results.md into ``out_dir``.
+
+    ``layers_run`` picks the run of ``kept_channels.png``; default: the first finished run.
+    Returns the written paths.
+    """
+    out = Path(out_dir)
+    ok, failed = ok_runs(df), failed_runs(df)
+    written = [_write_frame(ok.drop(columns=["error", "has_train_log"], errors="ignore"),
+                            out / "results.csv")]
+    if len(failed):
+        written.append(_write_frame(failed[["run", "path", "overrides", *SETTING_KEYS, "error"]],
+                                    out / "failed.csv"))
+    plots = []
+    if len(ok):
+        plots.append(save_png(plot_pareto(df), out / "pareto.png"))
+        layer_dir = Path(layers_run) if layers_run is not None else Path(ok.iloc[0]["path"])
+        plots.append(save_png(plot_kept_channels(layer_dir), out / "kept_channels.png"))
+        curves = plot_finetune(df)
+        if curves is not None:
+            plots.append(save_png(curves, out / "finetune.png"))
+    md = out / "results.md"
+    write_text(md, results_markdown(df, plots))
+    return written + plots + [md]
+
+
+def _write_frame(df: pd.DataFrame, path: Path) -> Path:
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    write_text(path, buf.getvalue())
+    return path
+
+
+# --------------------------------------------------------------------------------------------- compare
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to ``a.b.c`` keys; lists stay as one value."""
+    if not isinstance(obj, dict):
+        return {prefix: obj}
+    flat: dict[str, Any] = {}
+    for key, value in obj.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def run_config(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config: from metrics.json, else Hydra's ``.hydra/config.yaml``."""
+    if metrics.get("config"):
+        return metrics["config"]
+    path = run_dir / ".hydra" / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def side_by_side(a: dict[str, Any], b: dict[str, Any]) -> pd.DataFrame:
+    """Rows ``key | A | B``, differing keys first (each part in key order)."""
+    keys = sorted(set(a) | set(b))
+    missing = "<absent>"
+    rows = [{"key": k, "A": a.get(k, missing), "B": b.get(k, missing)} for k in keys]
+    frame = pd.DataFrame(rows, columns=["key", "A", "B"])
+    frame["differs"] = [_differs(r["A"], r["B"]) for r in rows]
+    return frame.sort_values(["differs", "key"], ascending=[False, True], kind="stable")
+
+
+def _differs(x: Any, y: Any) -> bool:
+    return json.dumps(x, sort_keys=True, default=str) != json.dumps(y, sort_keys=True, default=str)
+
+
+def compare_runs(a: str | Path, b: str | Path) -> str:
+    """Two runs' configs (differences first) and metrics side by side, as text."""
+    dirs = []
+    for path in map(Path, (a, b)):
+        run_dir = path.parent if path.name == METRICS_FILE else path
+        if not (run_dir / METRICS_FILE).is_file():
+            raise ReportError(f"not a run directory (no {METRICS_FILE}): {str(path)!r}")
+        dirs.append(run_dir)
+    metrics = [read_metrics(d) for d in dirs]
+    configs = side_by_side(*(flatten(run_config(d, m)) for d, m in zip(dirs, metrics)))
+    values = side_by_side(*(_comparable_metrics(m) for m in metrics))
+    n_diff = int(configs["differs"].sum())
+    lines = [f"A: {dirs[0]}", f"B: {dirs[1]}", "",
+             f"== config: {n_diff} differ, {len(configs) - n_diff} same ==",
+             _frame_text(configs), "", "== metrics ==", _frame_text(values)]
+    return "\n".join(lines) + "\n"
+
+
+def _comparable_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics without the config (shown above), plus the results row's derived figures (drop, reductions,
+    speedups); per-layer channels summed to one figure."""
+    flat = flatten({k: v for k, v in metrics.items() if k not in ("config", "kept_channels")})
+    if metrics.get("status") == "ok":
+        flat.update({f"summary.{k}": v for k, v in results_row(metrics).items() if k not in SETTING_KEYS})
+    kept = metrics.get("kept_channels")
+    if kept:
+        flat["kept_channels.kept/total"] = (f"{sum(v['kept'] for v in kept.values())}"
+                                            f"/{sum(v['total'] for v in kept.values())}")
+    return flat
+
+
+def _frame_text(frame: pd.DataFrame) -> str:
+    shown = frame.assign(differs=frame["differs"].map({True: "*", False: ""}))
+    return shown[["differs", "key", "A", "B"]].to_string(index=False, max_colwidth=60)
+
+
+# --------------------------------------------------------------------------------------------- cli
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qsfm-report",
+        description="Merge qsfm-run run/sweep directories into results.csv, results.md and plots.")
+    parser.add_argument("paths", nargs="*", metavar="PATH",
+                        help="run or sweep directories (searched at any depth for metrics.json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: <first PATH>/report)")
+    parser.add_argument("--layers", type=Path, default=None, metavar="RUN_DIR",
+                        help="run whose per-layer kept channels are plotted (default: the first run)")
+    parser.add_argument("--compare", nargs=2, type=Path, default=None, metavar=("A", "B"),
+                        help="print two runs' configs and metrics side by side")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.compare is None and not args.paths:
+        parser.error("give at least one PATH, or --compare A B")
+    try:
+        if args.compare is not None:
+            sys.stdout.write(compare_runs(*args.compare))
+        if args.paths:
+            df = collect_runs(args.paths)
+            out = args.out if args.out is not None else _default_out(Path(args.paths[0]))
+            written = write_report(df, out, args.layers)
+            ok, failed = len(ok_runs(df)), len(failed_runs(df))
+            print(f"{ok} finished run(s), {failed} failed; wrote " + ", ".join(str(p) for p in written))
+    except ReportError as exc:
+        parser.exit(2, f"qsfm-report: error: {exc}\n")
+    return 0
+
+
+def _default_out(first: Path) -> Path:
+    return (first.parent if first.is_file() else first) / "report"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

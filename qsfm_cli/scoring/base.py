@@ -1,0 +1,153 @@
+"""What every scorer shares: the statistics it can ask the collector for, and its interface."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ..types import ChannelSet, LayerStats, Order
+from .similarity import SSIM_DEFAULTS, check_metric_options
+
+STAT_KINDS = ("similarity", "rank", "chip", "moments")
+
+
+@dataclass(frozen=True)
+class StatRequest:
+    """One statistic the collector must gather for every channel set (hashable, so requests merge).
+
+    ``similarity``: S for ``metric`` (``params`` holds the SSIM constants, empty for cosine/pearson, so
+    requests that compute the same S are equal); ``rank``: mean matrix rank per map (HRank); ``chip``:
+    mean channel independence (CHIP); ``moments``: per-channel mean and the mean of F_i * F_j (for
+    compensation).
+    """
+
+    kind: str
+    metric: str = ""
+    params: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in STAT_KINDS:
+            raise ValueError(f"unknown statistic {self.kind!r}; accepted: {', '.join(STAT_KINDS)}")
+
+    @classmethod
+    def similarity(cls, metric: str = "ssim", *, k1: float = 0.01, k2: float = 0.03, window: int = 11,
+                   sigma: float = 1.5) -> "StatRequest":
+        check_metric_options(metric, k1, k2, window, sigma)
+        params = (("k1", float(k1)), ("k2", float(k2)), ("window", int(window)),
+                  ("sigma", float(sigma))) if metric == "ssim" else ()
+        return cls("similarity", metric, params)
+
+    @classmethod
+    def rank(cls) -> "StatRequest":
+        return cls("rank")
+
+    @classmethod
+    def chip(cls) -> "StatRequest":
+        return cls("chip")
+
+    @classmethod
+    def moments(cls) -> "StatRequest":
+        return cls("moments")
+
+    @property
+    def key(self) -> str:
+        """Key of this similarity in ``LayerStats.similarity``/``counted``: the metric's name, with the
+        SSIM constants appended only where they differ from the defaults."""
+        if dict(self.params) in ({}, SSIM_DEFAULTS):
+            return self.metric
+        return f"{self.metric}({','.join(f'{k}={v:g}' for k, v in self.params)})"
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Channels of each set in removal order, from collected statistics and/or the model's weights."""
+
+    name: ClassVar[str]
+
+    def requests(self) -> set[StatRequest]:
+        """What the collector must gather (empty for weight-only scorers)."""
+
+    def options(self) -> dict:
+        """JSON-able options, recorded with the results and part of the score cache key."""
+
+    def score(self, model: nn.Module, channel_sets: list[ChannelSet],
+              stats: dict[str, LayerStats]) -> dict[str, Order]:
+        """Per channel set name, its ``Order`` (``removal`` lists all channels of the set)."""
+
+
+@dataclass(frozen=True)
+class ScorerOptions:
+    """Base of the scorer dataclasses: the fields are the options."""
+
+    name: ClassVar[str] = ""
+
+    def options(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SimilarityOptions(ScorerOptions):
+    """Options of a scorer built on the similarity matrix S (see ``similarity.py`` for their meaning)."""
+
+    metric: str = "ssim"
+    k1: float = 0.01
+    k2: float = 0.03
+    window: int = 11
+    sigma: float = 1.5
+
+    def __post_init__(self) -> None:
+        check_metric_options(self.metric, self.k1, self.k2, self.window, self.sigma)
+
+    @property
+    def request(self) -> StatRequest:
+        return StatRequest.similarity(self.metric, k1=self.k1, k2=self.k2, window=self.window,
+                                      sigma=self.sigma)
+
+    def requests(self) -> set[StatRequest]:
+        return {self.request}
+
+    def layer_similarity(self, cs: ChannelSet, stats: dict[str, LayerStats]) -> tuple[torch.Tensor, list[int]]:
+        """(S as float64 on the CPU, dead channel indices) of one set, with a clear error when missing."""
+        layer = _layer_stats(cs, stats)
+        key = self.request.key
+        if key not in layer.similarity:
+            raise KeyError(f"no {key!r} similarity collected for {cs.name!r}; collected: "
+                           f"{', '.join(layer.similarity) or 'none'} (collect with this scorer's requests())")
+        dead = layer.dead.nonzero().flatten().tolist()
+        return layer.similarity[key].detach().to("cpu", torch.float64), dead
+
+
+def _layer_stats(cs: ChannelSet, stats: dict[str, LayerStats]) -> LayerStats:
+    if cs.name not in stats:
+        raise KeyError(f"no statistics collected for channel set {cs.name!r}")
+    return stats[cs.name]
+
+
+def ascending_order(importance: torch.Tensor) -> Order:
+    """Remove the least important first; ties keep index order (lower index removed first)."""
+    order = torch.sort(importance.detach().cpu().double(), stable=True).indices
+    return Order(removal=order.tolist())
+
+
+def collected(cs: ChannelSet, stats: dict[str, LayerStats], field: str) -> torch.Tensor:
+    """A per-channel statistic (``rank``/``chip``) of one set, with a clear error when it is missing."""
+    value = getattr(_layer_stats(cs, stats), field)
+    if value is None:
+        raise KeyError(f"no {field!r} statistic collected for {cs.name!r} (collect with the scorer's requests())")
+    return value
+
+
+def producer_filters(model: nn.Module, cs: ChannelSet) -> torch.Tensor:
+    """[C, D] float64: each channel's filters, concatenated across the set's producers."""
+    rows = []
+    for path in cs.producers:
+        weight = model.get_submodule(path).weight.detach()
+        if weight.shape[0] != cs.size:
+            raise ValueError(f"producer {path!r} of channel set {cs.name!r} has {weight.shape[0]} output "
+                             f"channels, the set has {cs.size}")
+        rows.append(weight.reshape(cs.size, -1).to("cpu", torch.float64))
+    if not rows:
+        raise ValueError(f"channel set {cs.name!r} has no producers to take filter weights from")
+    return torch.cat(rows, 1)

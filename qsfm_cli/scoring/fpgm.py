@@ -1,0 +1,29 @@
+"""FPGM (He et al. 2019): remove first the filters nearest the geometric median of their layer, i.e. with
+the smallest sum of Euclidean distances to all other filters."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..types import ChannelSet, LayerStats, Order
+from . import register_scorer
+from .base import ScorerOptions, StatRequest, ascending_order, producer_filters
+
+
+@register_scorer
+@dataclass(frozen=True)
+class FPGM(ScorerOptions):
+    name = "fpgm"
+
+    def requests(self) -> set[StatRequest]:
+        return set()
+
+    def score(self, model: nn.Module, channel_sets: list[ChannelSet],
+              stats: dict[str, LayerStats]) -> dict[str, Order]:
+        orders = {}
+        for cs in channel_sets:
+            filters = producer_filters(model, cs)
+            orders[cs.name] = ascending_order(torch.cdist(filters, filters).sum(1))
+        return orders

@@ -1,0 +1,45 @@
+"""Similarity score: remove the channels most similar, on average, to all others (see README "Definitions")."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..types import ChannelSet, LayerStats, Order
+from . import register_scorer
+from .base import SimilarityOptions
+
+
+def simscore_order(S: torch.Tensor, dead: Iterable[int] = ()) -> tuple[list[int], list[float]]:
+    """(removal order, values): dead channels first (ascending, value +inf), then by descending
+    score_i = mean over j != i of S[i, j] (ties: larger index first)."""
+    sim = torch.as_tensor(S).detach().to("cpu", torch.float64)
+    c = sim.shape[0]
+    dead = sorted(set(int(d) for d in dead))
+    if any(not 0 <= d < c for d in dead):
+        raise ValueError(f"dead channel indices must lie in [0, {c}), got {dead}")
+    rows = sim.tolist()
+    # exactly rounded sums, so channels with equal scores tie exactly
+    score = {i: math.fsum(rows[i][:i] + rows[i][i + 1:]) / (c - 1) if c > 1 else 0.0 for i in range(c)}
+    alive = sorted(set(range(c)) - set(dead), key=lambda i: (-score[i], -i))
+    return dead + alive, [math.inf] * len(dead) + [score[i] for i in alive]
+
+
+@register_scorer
+@dataclass(frozen=True)
+class SimScore(SimilarityOptions):
+    """``values``: each channel's score (non-increasing after the dead channels' +inf)."""
+
+    name = "simscore"
+
+    def score(self, model: nn.Module, channel_sets: list[ChannelSet],
+              stats: dict[str, LayerStats]) -> dict[str, Order]:
+        orders = {}
+        for cs in channel_sets:
+            sim, dead = self.layer_similarity(cs, stats)
+            removal, values = simscore_order(sim, dead)
+            orders[cs.name] = Order(removal=removal, values=values)
+        return orders

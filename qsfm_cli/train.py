@@ -1,0 +1,490 @@
+"""One training loop for fine-tuning pruned models and for training baselines from scratch.
+
+SGD (momentum, optional Nesterov, weight decay), cross-entropy with optional label smoothing, a per-step
+schedule (``step`` milestones or ``cosine``, both with optional linear warm-up), mixed precision,
+channels_last and the device-resident data path. Long runs are safe: a checkpoint is written atomically
+after every epoch (and on Ctrl-C, mid-epoch), ``resume=True`` continues bit-for-bit where the run stopped
+(data order and augmentation are functions of ``(seed, epoch)``, RNG states are saved), and a NaN/inf
+loss stops the run without touching the last good checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import ImageSet
+from .loaders import PATHS, DeviceLoader, TorchvisionLoader, make_loader
+from .outputs import atomic_write
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("step", "cosine")
+AMP_MODES = ("auto", "bf16", "fp16", "none")
+STATE_FILE = "train_state.pt"
+LOG_FILE = "train_log.csv"
+LOG_COLUMNS = ("epoch", "lr", "loss", "train_top1", "test_top1", "seconds")
+_SYNC_EVERY = 25   # steps between host syncs (progress bar, NaN check): no per-step GPU stall
+
+
+@dataclass
+class TrainRecipe:
+    """How to train; the keys of ``conf/finetune/*.yaml``.
+
+    ``milestones`` (``schedule=step``): a value below 1 is a fraction of the run (``0.5`` = half-way, so an
+    ``epochs`` override keeps the shape), a value of 1 or more an epoch number (the lr drops when that
+    epoch, counted from 0 as in ``MultiStepLR``, begins); the lr is multiplied by ``gamma`` at each. ``warmup_epochs``
+    ramps the lr linearly from ~0 over that many epochs, per step, for either schedule. ``amp``: ``auto``
+    is bf16 on CUDA when supported, else fp16 (with loss scaling), and fp32 on the CPU. ``channels_last``
+    puts the model and the batches in that memory format (faster convolutions on tensor cores, and
+    with oneDNN on the CPU). ``eval_every``: test accuracy every N epochs and always after the last (0: only
+    after the last). ``data_path``: ``device`` keeps the uint8 data on the device, ``torchvision`` uses a
+    DataLoader with ``num_workers`` PIL workers, ``auto`` picks ``device`` when the data fits.
+    ``deterministic`` asks cuDNN/CUDA for deterministic kernels, so GPU reruns and resumes repeat exactly
+    (CPU runs do anyway); ``false`` lets cuDNN autotune for speed.
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    schedule: str = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    amp: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    eval_every: int = 1
+    data_path: str = "auto"
+    num_workers: int = 4
+    deterministic: bool = True
+
+    # Fields that change speed or logging, not the optimisation protocol: left out of cache keys and of
+    # the resume consistency check.
+    EXECUTION_FIELDS = ("amp", "channels_last", "compile", "eval_every", "data_path", "num_workers",
+                        "deterministic")
+
+    def __post_init__(self) -> None:
+        self.milestones = tuple(self.milestones)   # also turns an OmegaConf ListConfig into a tuple
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("amp", self.amp, AMP_MODES)
+        _check_choice("data_path", self.data_path, PATHS)
+        for name in ("epochs", "warmup_epochs", "eval_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.nesterov and self.momentum <= 0:
+            raise ValueError(f"nesterov needs momentum > 0, got momentum={self.momentum}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        for m in self.milestones:
+            if m <= 0 or (m >= 1 and m != int(m)):
+                raise ValueError(f"milestone {m!r} must be a fraction in (0, 1) or a whole epoch number >= 1")
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any]) -> "TrainRecipe":
+        """Like ``TrainRecipe(**cfg)``, with a one-line error naming an unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; accepted: {', '.join(sorted(known))}")
+        return cls(**cfg)
+
+    def protocol(self) -> dict[str, Any]:
+        """The fields that determine the trained weights (what a cache key or a resume must match)."""
+        out = asdict(self)
+        for name in self.EXECUTION_FIELDS:
+            out.pop(name)
+        out["milestones"] = list(self.milestones)
+        return out
+
+    def milestone_steps(self, steps_per_epoch: int) -> list[int]:
+        """Optimizer steps at which the lr drops: a fraction of the whole run, or an epoch's first step."""
+        total = self.epochs * steps_per_epoch
+        return sorted(round(m * total) if m < 1 else int(m) * steps_per_epoch for m in self.milestones)
+
+
+def _check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ValueError(f"unknown {name} {value!r}; accepted: {', '.join(accepted)}")
+
+
+@dataclass
+class TrainResult:
+    """``history``: one row per epoch (the columns of ``train_log.csv``), including epochs run before a
+    resume; ``test_top1``: test accuracy (percent) after the last epoch, ``None`` without a test set;
+    ``epochs_run``: epochs trained by this call."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    test_top1: float | None = None
+    epochs_run: int = 0
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+def lr_factor(recipe: TrainRecipe, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of ``recipe.lr`` at optimizer step ``step`` (0-based), for ``LambdaLR``."""
+    total = recipe.epochs * steps_per_epoch
+    warmup = min(recipe.warmup_epochs * steps_per_epoch, total)
+    milestones = recipe.milestone_steps(steps_per_epoch)
+
+    def factor(step: int) -> float:
+        ramp = (step + 1) / warmup if step < warmup else 1.0
+        if recipe.schedule == "cosine":
+            if step < warmup:
+                return ramp
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return ramp * recipe.gamma ** sum(step >= m for m in milestones)
+
+    return factor
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` on ``device``; ``None`` means fp32."""
+    _check_choice("amp", amp, AMP_MODES)
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def evaluate_top1(model: nn.Module, ds: ImageSet, *, device: str | torch.device, batch_size: int = 512,
+                  amp: str = "none", data_path: str = "auto", num_workers: int = 4) -> float:
+    """Top-1 accuracy (percent) of ``model`` on every image of ``ds``; restores the model's mode."""
+    device = torch.device(device)
+    loader = make_loader(ds, batch_size, device=device, train=False, path=data_path, num_workers=num_workers)
+    return _top1(model, loader, device, resolve_amp(amp, device))
+
+
+@torch.no_grad()
+def _top1(model: nn.Module, loader: DeviceLoader | TorchvisionLoader, device: torch.device,
+          dtype: torch.dtype | None) -> float:
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for x, y in loader.iter_epoch(0):
+        with _autocast(device, dtype):
+            correct += (model(x).argmax(1) == y).sum()
+    model.train(was_training)
+    return 100.0 * correct.item() / loader.num_images
+
+
+def train(model: nn.Module, train_set: ImageSet, test_set: ImageSet | None, recipe: TrainRecipe, *,
+          device: str | torch.device, seed: int, run_dir: Path | None = None, resume: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Train ``model`` in place following ``recipe``; see the module docstring for checkpoints.
+
+    With ``run_dir``, ``run_dir/train_state.pt`` (loadable with ``torch.load(weights_only=True)``) is
+    rewritten after every epoch and ``run_dir/train_log.csv`` gets one row per epoch. ``resume=True``
+    continues from that checkpoint (a finished run just loads its weights). Ctrl-C finishes the current
+    step, saves a checkpoint and re-raises ``KeyboardInterrupt``; a second Ctrl-C stops at once. A NaN/inf
+    loss raises ``NonFiniteLossError`` naming the epoch and step; the in-memory weights are then those of
+    the failing step, the checkpoint those of the last good epoch.
+    """
+    if recipe.epochs == 0:
+        return TrainResult()
+    device = torch.device(device)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    with torch.random.fork_rng(devices=_cuda_devices(device)), _determinism(recipe.deterministic, device), \
+            _sigint_flag() as interrupted:
+        torch.manual_seed(seed)
+        trainer = _Trainer(model, train_set, test_set, recipe, device=device, seed=seed, run_dir=run_dir,
+                           progress=progress)
+        try:
+            return trainer.run(resume=resume, interrupted=interrupted)
+        finally:
+            model.to(memory_format=torch.contiguous_format)
+
+
+@dataclass
+class _EpochSums:
+    """Running totals of one epoch, kept on the device so that no step waits for the host."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    first_bad: torch.Tensor      # first step whose loss was not finite, -1 if none
+    seen: int = 0
+    lr: float = 0.0
+    seconds: float = 0.0
+
+    @classmethod
+    def zeros(cls, device: torch.device, lr: float) -> "_EpochSums":
+        return cls(torch.zeros((), dtype=torch.float64, device=device),
+                   torch.zeros((), dtype=torch.long, device=device),
+                   torch.full((), -1, dtype=torch.long, device=device), lr=lr)
+
+    def state(self) -> dict[str, Any]:
+        return {"loss": self.loss.cpu(), "correct": self.correct.cpu(), "seen": self.seen, "lr": self.lr,
+                "seconds": self.seconds}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], device: torch.device) -> "_EpochSums":
+        return cls(state["loss"].to(device), state["correct"].to(device),
+                   torch.full((), -1, dtype=torch.long, device=device), state["seen"], state["lr"],
+                   state["seconds"])
+
+
+class _Trainer:
+    def __init__(self, model: nn.Module, train_set: ImageSet, test_set: ImageSet | None, recipe: TrainRecipe,
+                 *, device: torch.device, seed: int, run_dir: Path | None, progress: bool):
+        self.model, self.recipe = model, recipe
+        self.device, self.seed, self.run_dir, self.progress = device, seed, run_dir, progress
+        self.amp = resolve_amp(recipe.amp, device)
+        self.channels_last = recipe.channels_last
+        model.to(device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        # A last batch of one image would break BatchNorm; drop the remainder unless it is everything.
+        drop_last = len(train_set) >= recipe.batch_size
+        self.loader: DeviceLoader | TorchvisionLoader = make_loader(
+            train_set, recipe.batch_size, device=device, train=True, seed=seed, drop_last=drop_last,
+            path=recipe.data_path, num_workers=recipe.num_workers, channels_last=self.channels_last)
+        self.steps = len(self.loader)
+        self.test_loader = None if test_set is None else make_loader(
+            test_set, 512, device=device, train=False, path=recipe.data_path, num_workers=recipe.num_workers,
+            channels_last=self.channels_last)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                         nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(recipe, self.steps))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+        self.net = torch.compile(model) if recipe.compile else model
+        self.history: list[dict[str, Any]] = []
+        if recipe.warmup_epochs > recipe.epochs:
+            log.warning("warmup_epochs=%d exceeds epochs=%d: the whole run is warm-up",
+                        recipe.warmup_epochs, recipe.epochs)
+
+    @property
+    def state_path(self) -> Path | None:
+        return self.run_dir / STATE_FILE if self.run_dir is not None else None
+
+    def run(self, *, resume: bool, interrupted: threading.Event) -> TrainResult:
+        epoch, step, sums = 0, 0, None
+        if resume:
+            epoch, step, sums = self._load()
+        start_epoch = epoch
+        for epoch in range(epoch, self.recipe.epochs):
+            sums = self._train_epoch(epoch, step, sums, interrupted)
+            step = 0
+            row = self._finish_epoch(epoch, sums)
+            self.history.append(row)
+            self._save(epoch + 1, 0, None)
+            self._write_log()
+            log.info("epoch %d/%d  lr %.4g  loss %.4f  train top-1 %.2f%%  test top-1 %s  (%.1f s)",
+                     epoch + 1, self.recipe.epochs, row["lr"], row["loss"], row["train_top1"],
+                     "-" if row["test_top1"] is None else f"{row['test_top1']:.2f}%", row["seconds"])
+            sums = None
+            if interrupted.is_set():
+                self._raise_interrupt(epoch + 1, 0)
+        final = self.history[-1]["test_top1"] if self.history else None
+        if final is None and self.test_loader is not None:
+            final = self._evaluate()
+        return TrainResult(list(self.history), final, self.recipe.epochs - start_epoch)
+
+    def _train_epoch(self, epoch: int, start_step: int, sums: _EpochSums | None,
+                     interrupted: threading.Event) -> _EpochSums:
+        self.model.train()
+        sums = sums or _EpochSums.zeros(self.device, self.optimizer.param_groups[0]["lr"])
+        started = time.perf_counter() - sums.seconds
+        bar = tqdm(total=self.steps, initial=start_step, desc=f"epoch {epoch + 1}/{self.recipe.epochs}",
+                   leave=False, disable=not self.progress, dynamic_ncols=True)
+        with bar:
+            for step, (x, y) in enumerate(self.loader.iter_epoch(epoch, start_step), start=start_step):
+                self._step(x, y, step, sums)
+                done = step + 1
+                if done % _SYNC_EVERY == 0 or done == self.steps or interrupted.is_set():
+                    self._check_finite(sums, epoch)
+                    bar.update(done - bar.n)
+                    bar.set_postfix(loss=f"{sums.loss.item() / sums.seen:.4f}",
+                                    acc=f"{100.0 * sums.correct.item() / sums.seen:.2f}",
+                                    lr=f"{self.optimizer.param_groups[0]['lr']:.4g}")
+                if interrupted.is_set():
+                    sums.seconds = time.perf_counter() - started
+                    self._save(epoch, done, sums)
+                    self._raise_interrupt(epoch, done)
+        sums.seconds = time.perf_counter() - started
+        return sums
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, step: int, sums: _EpochSums) -> None:
+        with _autocast(self.device, self.amp):
+            logits = self.net(x)
+            loss = self.criterion(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        loss = loss.detach().float()
+        sums.first_bad.masked_fill_(~torch.isfinite(loss) & (sums.first_bad < 0), step)
+        sums.loss += loss.double() * len(y)
+        sums.correct += (logits.detach().argmax(1) == y).sum()
+        sums.seen += len(y)
+
+    def _check_finite(self, sums: _EpochSums, epoch: int) -> None:
+        bad = int(sums.first_bad.item())
+        if bad < 0:
+            return
+        kept = (f"the last good checkpoint {self.state_path} is unchanged" if self.state_path is not None
+                and self.state_path.is_file() else "no checkpoint was written")
+        raise NonFiniteLossError(
+            f"loss became NaN/inf at epoch {epoch + 1}/{self.recipe.epochs}, step {bad + 1}/{self.steps} "
+            f"(lr {self.recipe.lr:g}, amp {self.recipe.amp}); training stopped and {kept}. Lower the learning "
+            f"rate, or try amp=bf16/none")
+
+    def _finish_epoch(self, epoch: int, sums: _EpochSums) -> dict[str, Any]:
+        started = time.perf_counter()
+        last = epoch + 1 == self.recipe.epochs
+        every = self.recipe.eval_every
+        test = None
+        if self.test_loader is not None and (last or (every and (epoch + 1) % every == 0)):
+            test = self._evaluate()
+        return {"epoch": epoch + 1, "lr": sums.lr, "loss": sums.loss.item() / max(1, sums.seen),
+                "train_top1": 100.0 * sums.correct.item() / max(1, sums.seen), "test_top1": test,
+                "seconds": sums.seconds + time.perf_counter() - started}
+
+    def _evaluate(self) -> float:
+        assert self.test_loader is not None
+        return _top1(self.net, self.test_loader, self.device, self.amp)
+
+    def _raise_interrupt(self, epoch: int, step: int) -> None:
+        where = f"epoch {epoch + 1}, step {step}/{self.steps}" if step else f"the end of epoch {epoch}"
+        if self.state_path is None:
+            msg = f"training interrupted at {where}; no run_dir, so nothing was saved"
+        else:
+            msg = (f"training interrupted at {where}; checkpoint saved to {self.state_path}: rerun with "
+                   f"resume=true to continue")
+        log.warning(msg)
+        raise KeyboardInterrupt(msg)
+
+    def _save(self, epoch: int, step: int, sums: _EpochSums | None) -> None:
+        if self.state_path is None:
+            return
+        state = {
+            "epoch": epoch, "step": step, "partial": sums.state() if sums is not None else None,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+            "history": self.history, "recipe": self.recipe.protocol(), "seed": self.seed,
+        }
+        atomic_write(self.state_path, lambda f: torch.save(state, f))
+
+    def _load(self) -> tuple[int, int, _EpochSums | None]:
+        path = self.state_path
+        if path is None or not path.is_file():
+            log.info("resume: no checkpoint %s, starting from scratch", path)
+            return 0, 0, None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self._check_compatible(state, path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if self.device.type == "cuda" and state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.history = list(state["history"])
+        self._write_log()
+        epoch, step = state["epoch"], state["step"]
+        log.info("resume: continuing from %s at epoch %d, step %d", path, epoch + 1 if step else epoch, step)
+        sums = _EpochSums.from_state(state["partial"], self.device) if state["partial"] is not None else None
+        return epoch, step, sums
+
+    def _check_compatible(self, state: Mapping[str, Any], path: Path) -> None:
+        ours = self.recipe.protocol()
+        changed = sorted(k for k in ours.keys() | state["recipe"].keys() if ours.get(k) != state["recipe"].get(k))
+        if changed or state["seed"] != self.seed:
+            what = ", ".join(f"{k}: {state['recipe'].get(k)!r} -> {ours.get(k)!r}" for k in changed)
+            if state["seed"] != self.seed:
+                what = ", ".join(filter(None, [what, f"seed: {state['seed']} -> {self.seed}"]))
+            raise ValueError(f"cannot resume from {path}: it was written with a different recipe ({what}); "
+                             f"restore those values, or set resume=false to start over")
+
+    def _write_log(self) -> None:
+        if self.run_dir is not None:
+            atomic_write(self.run_dir / LOG_FILE, lambda f: f.write(_csv_text(self.history).encode()))
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row[k] is None else row[k] for k in LOG_COLUMNS})
+    return buf.getvalue()
+
+
+def _cuda_devices(device: torch.device) -> list[int]:
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+@contextlib.contextmanager
+def _determinism(enabled: bool, device: torch.device) -> Iterator[None]:
+    """Deterministic cuDNN/CUDA kernels (or cuDNN autotuning when disabled) for the run only."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = not enabled
+    torch.backends.cudnn.deterministic = enabled
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[0], saved[1]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+
+
+@contextlib.contextmanager
+def _sigint_flag() -> Iterator[threading.Event]:
+    """Turn the first Ctrl-C into a flag the loop checks between steps (so a checkpoint is never taken
+    half-way through an optimizer step); a second Ctrl-C interrupts at once."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame) -> None:
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+        log.warning("Ctrl-C: stopping after this step and saving a checkpoint (press again to abort now)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)

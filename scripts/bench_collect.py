@@ -1,0 +1,105 @@
+"""Collect + score (QSFM, ssim) for ResNet-56's block-internal channels vs bare forward passes.
+
+    python scripts/bench_collect.py --data ../shared/data --checkpoint ../shared/checkpoints/resnet56-4bfd9763.th
+
+Both runs see the same ``--num-images`` CIFAR-10 training images (seeded sample) in batches of
+``--batch-size`` on ``--device``; each is timed ``--repeats`` times and the fastest run is reported, so that
+a busy machine inflates neither side. Prints both times and their ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch import nn
+
+from qsfm_cli.collect import collect_stats
+from qsfm_cli.data import load_dataset
+from qsfm_cli.loaders import DeviceLoader
+from qsfm_cli.models import create_model
+from qsfm_cli.scoring import get_scorer
+from qsfm_cli.types import ChannelSet
+
+CHECKPOINT_MEAN = (0.485, 0.456, 0.406)
+CHECKPOINT_STD = (0.229, 0.224, 0.225)
+
+
+def block_internal_sets(model: nn.Module) -> list[ChannelSet]:
+    """conv1 of every residual block: the map conv2 reads."""
+    sets = []
+    for name, module in model.named_modules():
+        if hasattr(module, "conv1") and hasattr(module, "conv2"):
+            sets.append(ChannelSet(f"{name}.conv1", module.conv1.out_channels, (f"{name}.conv1",),
+                                   f"{name}.conv2", True, (f"{name}.conv2",)))
+    return sets
+
+
+def load_resnet56(path: str) -> nn.Module:
+    model = create_model("resnet56")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    return model.eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--num-images", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    train, _ = load_dataset("cifar10", args.data, download=False, verify=False)
+    images = train.with_normalization(CHECKPOINT_MEAN, CHECKPOINT_STD).sample(args.num_images, args.seed)
+    model = load_resnet56(args.checkpoint).to(device)
+    sets = block_internal_sets(model)
+    scorer = get_scorer("qsfm")
+
+    def forward() -> None:
+        with torch.inference_mode():
+            for x, _ in DeviceLoader(images, args.batch_size, device=device):
+                model(x)
+        sync(device)
+
+    def collect_and_score() -> dict:
+        stats = collect_stats(model, sets, images, scorer.requests(), batch_size=args.batch_size, device=device)
+        orders = scorer.score(model, sets, stats)
+        sync(device)
+        return orders
+
+    forward()
+    collect_and_score()                                  # warm-up: allocator, band matrices, kernels
+    forward_times, collect_times = [], []
+    for _ in range(args.repeats):                        # interleaved, so both see the same machine load
+        start = time.perf_counter()
+        forward()
+        forward_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        orders = collect_and_score()
+        collect_times.append(time.perf_counter() - start)
+    fwd, col = min(forward_times), min(collect_times)
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; ResNet-56, "
+          f"{len(sets)} block-internal channel sets, {len(images)} images, batch {args.batch_size}")
+    print(f"bare forward passes       {fwd:8.3f} s   (runs: {', '.join(f'{t:.3f}' for t in forward_times)})")
+    print(f"collect + score (qsfm)    {col:8.3f} s   (runs: {', '.join(f'{t:.3f}' for t in collect_times)})")
+    print(f"ratio                     {col / fwd:8.2f} x  (target: <= 8x on CPU, <= 3x on GPU)")
+    first = sets[0].name
+    print(f"{first}: first removals {orders[first].removal[:6]}, S of their pairs "
+          f"{[round(v, 3) for v in orders[first].values[:6]]}")
+
+
+if __name__ == "__main__":
+    main()

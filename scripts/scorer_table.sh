@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Reproduce the README's ResNet-56 scorer table (CIFAR-10 test set, no fine-tuning) on a local CIFAR-10 copy.
+#   bash scripts/scorer_table.sh DATA_ROOT CHECKPOINT [OUT_DIR]
+# DATA_ROOT holds cifar-10-batches-py/; CHECKPOINT is resnet56-4bfd9763.th of pytorch_resnet_cifar10.
+set -euo pipefail
+data=${1:?usage: scorer_table.sh DATA_ROOT CHECKPOINT [OUT_DIR]}
+ckpt=${2:?usage: scorer_table.sh DATA_ROOT CHECKPOINT [OUT_DIR]}
+out=${3:-outputs/scorer_table}
+common=(experiment=scorer_table "model.checkpoint=$ckpt" "dataset.root=$data" dataset.verify=false
+        progress=false "cache.dir=$out/cache")
+# Every scorer x ratio (the grid lives in conf/experiment/scorer_table.yaml).
+qsfm-run -m "${common[@]}" "hydra.sweep.dir=$out/scorers"
+# The similarity score with the other two similarity metrics.
+qsfm-run -m "${common[@]}" "hydra.sweep.dir=$out/simscore_metrics" scorer=simscore \
+  scorer.metric=cosine,pearson prune.ratio=0.3,0.5,0.7
+# What each no-fine-tune recovery option buys, alone and combined.
+qsfm-run -m "${common[@]}" "hydra.sweep.dir=$out/recovery" scorer=qsfm prune.ratio=0.3,0.5,0.7 \
+  prune.compensate=none,twin,lstsq prune.bn_recalibration=0,2048
+qsfm-report "$out" --out "$out/report"

@@ -1,0 +1,100 @@
+"""End to end: the installed command on synthetic data with a tiny model, and bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import qsfm_cli
+from qsfm_cli.app import build_experiment, config_dir
+from qsfm_cli.models import create_model, list_models
+from qsfm_cli.pipeline import run_experiment
+
+
+def qsfm_run(*overrides: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qsfm_cli.app", *overrides], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def experiment(tmp_path, *overrides: str):
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=smoke", f"cache.dir={tmp_path / 'cache'}",
+                                           *overrides])
+    return build_experiment(cfg, tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke")
+    proc = qsfm_run("experiment=smoke", f"hydra.run.dir={tmp / 'run'}", f"cache.dir={tmp / 'cache'}",
+                    "prune.ratio=0.5", cwd=tmp)
+    assert proc.returncode == 0, proc.stderr
+    return tmp / "run", proc.stdout
+
+
+def test_cli_writes_metrics_table_and_model(smoke_run):
+    run_dir, stdout = smoke_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "ok"
+    assert metrics["final"]["macs"] < metrics["base"]["macs"]
+    assert metrics["final"]["params"] < metrics["base"]["params"]
+    assert all(v["kept"] == v["total"] - v["total"] // 2 for v in metrics["kept_channels"].values())
+    header = (run_dir / "results.csv").read_text().splitlines()[0].split(",")
+    for column in ("model", "dataset", "scorer", "ratio", "seed", "base_top1", "pruned_top1", "top1_drop",
+                   "base_MACs_M", "pruned_MACs_M", "MACs_reduction_%", "base_params_M", "pruned_params_M",
+                   "params_reduction_%", "base_latency_b1_ms", "pruned_latency_b1_ms", "speedup_b1",
+                   "finetune_epochs"):
+        assert column in header
+    assert "MACs_reduction_%" in stdout
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+def test_load_pruned_round_trips_to_identical_outputs(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    model = qsfm_cli.load_pruned(run_dir / "pruned_model.pt")
+    x = torch.randn(4, 3, 32, 32)
+    qsfm_cli.save_pruned(tmp_path / "again.pt", model)
+    again = qsfm_cli.load_pruned(tmp_path / "again.pt")
+    assert torch.equal(model(x), again(x))
+    assert model.conv1.out_channels == 4 and model.layer1[0].conv1.out_channels == 2
+
+
+def test_same_config_prunes_the_same_channels(tmp_path):
+    first = run_experiment(experiment(tmp_path / "a", "scorer=random"))
+    second = run_experiment(experiment(tmp_path / "b", "scorer=random"))
+    a = qsfm_cli.load_pruned(tmp_path / "a" / "run" / "pruned_model.pt")
+    b = qsfm_cli.load_pruned(tmp_path / "b" / "run" / "pruned_model.pt")
+    assert first["kept_channels"] == second["kept_channels"]
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.name=resnet57", "unknown model 'resnet57'; accepted:"),
+    ("prune.ratio=1.5", "1.5"),
+    ("model.checkpoint=missing.pt", "checkpoint 'missing.pt' not found"),
+    ("device=cuda:7", "device 'cuda:7'"),
+])
+def test_bad_values_fail_with_one_line_naming_them(tmp_path, override, message):
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
+        run_experiment(experiment(tmp_path, override))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_wrong_architecture_checkpoint_is_named(tmp_path):
+    torch.save(create_model("resnet20").state_dict(), tmp_path / "r20.pt")
+    with pytest.raises(ValueError, match="does not fit model CifarResNet .*unexpected: layer1.1.conv1.weight"):
+        run_experiment(experiment(tmp_path, f"model.checkpoint={tmp_path / 'r20.pt'}"))
+
+
+def test_cli_bad_value_prints_one_line_and_records_the_failure(tmp_path):
+    proc = qsfm_run("experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}", "model.name=resnet57",
+                    cwd=tmp_path)
+    assert proc.returncode == 2
+    accepted = ", ".join(list_models())
+    assert proc.stderr.strip().splitlines() == [
+        f"qsfm-run: error: unknown model 'resnet57'; accepted: {accepted} or tv_<torchvision model name>"]
+    failed = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert failed["status"] == "failed" and "resnet57" in failed["error"]

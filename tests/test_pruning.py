@@ -1,0 +1,308 @@
+"""Physical pruning computes exactly what the masked network computes, for every supported architecture.
+
+The reference is the unpruned model with the removed channels zeroed where they are produced: the output
+of every BatchNorm (and, for torchvision models, every conv) that owns them, and for a residual stream the
+stream itself after every addition. Random keep-sets, eval mode, randomized BatchNorm statistics.
+"""
+import json
+
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.flop_counter import FlopCounterMode
+
+from qsfm_cli.models import create_model
+from qsfm_cli.plan import PlanSpec, make_keep
+from qsfm_cli.pruning import (apply_keep, architecture, build_model, channel_sets, classifier_name,
+                              prunable_channels)
+from qsfm_cli.types import Order
+
+
+def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=g) * 0.4 + 0.2)  # small gains: no blow-up in depth
+            m.bias.data.copy_(torch.randn(c, generator=g) * 0.2)
+    return model.eval()
+
+
+def random_keep(sets, g: torch.Generator) -> dict[str, list[int]]:
+    keep = {}
+    for s in sets:
+        n = int(torch.randint(1, s.size + 1, (1,), generator=g))
+        keep[s.name] = sorted(torch.randperm(s.size, generator=g)[:n].tolist())
+    return keep
+
+
+def removed(s, keep) -> list[int]:
+    return sorted(set(range(s.size)) - set(keep.get(s.name, range(s.size))))
+
+
+def zero_outputs(model: nn.Module, targets: dict[str, list[int]]):
+    def hook(idx):
+        def zero(_module, _inputs, out):
+            out = out.clone()
+            out[:, idx] = 0
+            return out
+        return zero
+    return [model.get_submodule(name).register_forward_hook(hook(idx)) for name, idx in targets.items()]
+
+
+def cifar_mask(sets, keep) -> dict[str, list[int]]:
+    """BatchNorm after each producing conv (conv1 -> bn1, features.conv3 -> features.norm3), and the
+    output of each block of a residual stream."""
+    targets = {}
+    for s in sets:
+        idx = removed(s, keep)
+        if not idx:
+            continue
+        for p in s.producers:
+            parent, _, last = p.rpartition(".")
+            bn = last.replace("conv", "norm" if p.startswith("features") else "bn")
+            targets[f"{parent}.{bn}" if parent else bn] = idx
+            if s.kind == "stream" and parent:
+                targets[parent] = idx
+    return targets
+
+
+def torch_pruning_mask(model, x, sets, keep) -> dict[str, list[int]]:
+    """Every conv/BatchNorm whose outputs Torch-Pruning's group for the set removes, at its indices."""
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=x, verbose=False)
+    names = {m: n for n, m in model.named_modules()}
+    targets = {}
+    for s in sets:
+        idx = removed(s, keep)
+        if not idx:
+            continue
+        conv = model.get_submodule(s.name)
+        for dep, where in graph.get_pruning_group(conv, graph.get_pruner_of_module(conv).prune_out_channels, idx):
+            module = dep.target.module
+            if isinstance(module, (nn.Conv2d, _BatchNorm)) and graph.is_out_channel_pruning_fn(dep.handler):
+                targets[names[module]] = sorted(set(targets.get(names[module], [])) | set(where))
+    return targets
+
+
+@torch.no_grad()
+def masked(model, x, targets):
+    handles = zero_outputs(model, targets)
+    try:
+        return model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def assert_equivalent(model, x, sets, keep, targets):
+    pruned = apply_keep(model, keep, x)
+    with torch.no_grad():
+        ours, ref, full = pruned(x), masked(model, x, targets), model(x)
+    scale = ref.abs().max().item()
+    assert (ref - full).abs().max().item() > 1e-3 * scale, "the keep-set should change the logits"
+    assert torch.allclose(ours, ref, atol=1e-4 * scale, rtol=0), (ours - ref).abs().max().item()
+    for s in sets:  # really smaller
+        assert pruned.get_submodule(s.name).out_channels == len(keep.get(s.name, range(s.size)))
+    return pruned
+
+
+CIFAR = ["resnet20", "resnet56", "resnet110", "vgg16_bn", "mobilenetv2"]
+
+
+@pytest.mark.parametrize("name", CIFAR)
+@pytest.mark.parametrize("scope", ["default", "stage"])
+def test_cifar_pruning_equals_masking(name, scope):
+    model = randomized(create_model(name))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    sets = channel_sets(model, x, scope)
+    for _ in range(3):
+        keep = random_keep(sets, g)
+        assert_equivalent(model, x, sets, keep, cifar_mask(sets, keep))
+
+
+TORCHVISION = [("tv_resnet18", {}), ("tv_mobilenet_v3_small", {}), ("tv_efficientnet_b0", {}),
+               ("tv_densenet121", {}), ("tv_regnet_x_400mf", {}),
+               ("tv_googlenet", {"aux_logits": False, "init_weights": True})]
+
+
+@pytest.mark.parametrize("name, kwargs", TORCHVISION)
+def test_torchvision_pruning_equals_masking(name, kwargs):
+    model = randomized(create_model(name, **kwargs))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 64, 64, generator=g)
+    sets = channel_sets(model, x, "all")
+    for _ in range(2):
+        keep = random_keep(sets, g)
+        pruned = assert_equivalent(model, x, sets, keep, torch_pruning_mask(model, x, sets, keep))
+    rebuilt = build_model(json.loads(json.dumps(architecture(pruned))))
+    rebuilt.load_state_dict(pruned.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), pruned(x))
+
+
+def test_scopes_and_names_per_model():
+    x = torch.zeros(1, 3, 32, 32)
+    r56 = create_model("resnet56")
+    default = channel_sets(r56, x)
+    assert [s.name for s in default][:2] == ["layer1.0.conv1", "layer1.1.conv1"] and len(default) == 27
+    stage = {s.name: s for s in channel_sets(r56, x, "stage")}
+    assert len(stage) == 31 and stage["conv1"].kind == "stream"
+    assert stage["layer2.0.conv2"].producers == tuple(f"layer2.{b}.conv2" for b in range(9))
+    assert stage["layer1.0.conv1"].consumers == ("layer1.0.conv2",)
+    assert len(channel_sets(create_model("vgg16_bn"), x)) == 13
+    mobile = channel_sets(create_model("mobilenetv2"), x)
+    assert len(mobile) == 16 and mobile[0].producers == ("layers.1.conv1", "layers.1.conv2")
+    assert prunable_channels(r56, x)["layer3.0.conv2"] == 64
+    assert channel_sets(r56, x, "all") == list(stage.values())
+
+
+def test_stage_pruning_remaps_the_padding_shortcut():
+    model = randomized(create_model("resnet20"))
+    x = torch.randn(2, 3, 32, 32)
+    keep = {"layer1.0.conv2": [0, 3, 5, 9], "layer2.0.conv2": list(range(0, 32, 2))}
+    pruned = apply_keep(model, keep, x)
+    # Stage-1 channel 3 fed stage-2 channel 8 + 3 = 11, which is removed; channel 5 fed 13 (removed);
+    # channel 0 fed 8 -> new position 4; 9 fed 17 (removed).
+    assert pruned.layer2[0].shortcut.index == [4, -1, -1, -1]
+    assert pruned.stage_widths == [4, 16, 64] and pruned.stem_width == 16
+    assert pruned.layer1[0].shortcut.index == [0, -1, -1, 1, -1, 2, -1, -1, -1, 3] + [-1] * 6
+
+
+def test_keep_and_the_input_model():
+    model = create_model("resnet20")
+    x = torch.zeros(1, 3, 32, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = apply_keep(model, {"layer1.0.conv1": [1, 2]}, x)
+    assert pruned.layer1[0].conv1.out_channels == 2 and pruned.layer1[1].conv1.out_channels == 16
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.layer1[0].conv1.out_channels == 16
+
+
+@pytest.mark.parametrize("keep, message", [
+    ({"linear": [0]}, "'linear' is the classifier: its outputs are the class logits and are never pruned"),
+    ({"layer1.0.conv2": [0]}, "unknown channel set 'layer1.0.conv2'; prunable sets: layer1.0.conv1"),
+    ({"layer1.0.conv1": []}, "keep['layer1.0.conv1'] is empty"),
+    ({"layer1.0.conv1": [0, 16]}, "distinct indices in [0, 16)"),
+])
+def test_bad_keep_fails_with_one_line(keep, message):
+    model = create_model("resnet20")
+    x = torch.zeros(1, 3, 32, 32)
+    sets = {s.name for s in channel_sets(model, x, "all")}
+    if "layer1.0.conv2" in keep:  # a name that is a real conv but not a set of its own
+        assert "layer1.0.conv2" not in sets
+    with pytest.raises(ValueError) as err:
+        apply_keep(model, keep, x)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_torchvision_classifier_is_never_a_set():
+    model = create_model("tv_resnet18")
+    x = torch.zeros(1, 3, 64, 64)
+    assert classifier_name(model, x) == "fc"
+    assert "fc" not in prunable_channels(model, x)
+    with pytest.raises(ValueError, match="'fc' is the classifier"):
+        apply_keep(model, {"fc": [0]}, x)
+
+
+def test_untraced_layers_are_named():
+    with pytest.raises(ValueError, match="aux1.conv.conv.*aux_logits=False"):
+        channel_sets(create_model("tv_googlenet", init_weights=True), torch.zeros(1, 3, 64, 64), "all")
+
+
+@pytest.mark.parametrize("name", CIFAR)
+def test_cifar_architecture_round_trips(name):
+    model = randomized(create_model(name))
+    x = torch.randn(2, 3, 32, 32)
+    pruned = apply_keep(model, random_keep(channel_sets(model, x, "all"), torch.Generator().manual_seed(3)), x)
+    rebuilt = build_model(json.loads(json.dumps(architecture(pruned))))
+    rebuilt.load_state_dict(pruned.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), pruned(x))
+
+
+# -------------------------------------------------------------------------- published rows (no data)
+def conv_linear_macs(model: nn.Module) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(torch.zeros(1, 3, 32, 32))
+    return counter.get_total_flops() // 2
+
+
+def thop_flops(model: nn.Module) -> float:
+    """CHIP's count (thop): conv/linear MACs + 2 operations per BatchNorm output element (eval mode) +
+    (kernel size + 1) per output of the global average pool."""
+    bn = []
+    handles = [m.register_forward_hook(lambda _m, _i, o: bn.append(o.numel())) for m in model.modules()
+               if isinstance(m, nn.BatchNorm2d)]
+    macs = conv_linear_macs(model)
+    for h in handles:
+        h.remove()
+    last = model.stage_widths[-1]
+    return macs + 2 * sum(bn) + (8 * 8 + 1) * last
+
+
+def weight_params(model: nn.Module) -> int:
+    """Conv and linear parameters (the papers' tables leave BatchNorm out)."""
+    return sum(p.numel() for n, p in model.named_parameters() if "bn" not in n)
+
+
+def row_model(name: str, rates: str) -> nn.Module:
+    model = create_model(name)
+    x = torch.zeros(1, 3, 32, 32)
+    plan = PlanSpec(rates=rates, scope="stage")
+    sets = channel_sets(model, x, plan.scope)
+    plan.validate(sets, model)
+    orders = {s.name: Order(removal=list(range(s.size))) for s in sets}  # counts need no scores
+    keep, info = make_keep(orders, sets, plan, model=model, example_input=x)
+    assert info["layout"] == "chip" or info["layout"] == "hrank"
+    return apply_keep(model, keep, x)
+
+
+@pytest.mark.parametrize("name, rates, flops_M, params_M", [
+    ("resnet56", "[0.]+[0.15]*2+[0.4]*27", 65.94, 0.48),
+    ("resnet56", "[0.]+[0.4]*2+[0.5]*9+[0.6]*9+[0.7]*9", 34.78, 0.24),
+    ("resnet110", "[0.]+[0.2]*2+[0.3]*18+[0.35]*36", 140.54, 1.04),
+])
+def test_chip_rows_match_the_paper(name, rates, flops_M, params_M):
+    """CHIP's FLOPs are thop's count of its pruned network, which our CHIP layout builds exactly."""
+    model = row_model(name, rates)
+    assert abs(thop_flops(model) / 1e6 - flops_M) <= 0.005 * flops_M
+    assert round(weight_params(model) / 1e6, 2) == params_M
+
+
+HRANK_ROW = "[0.1]+[0.60]*35+[0.0]*2+[0.6]*6+[0.4]*3+[0.1]+[0.4]+[0.1]+[0.4]+[0.1]+[0.4]+[0.1]+[0.4]"
+
+
+def test_hrank_row_counts():
+    """HRank's 62.72M / 0.49M count every conv's outputs reduced by its own entry and its inputs at full
+    width (its FLOPs script on its masked network); the network its entries define physically (block
+    conv1 widths only) is smaller in MACs, and our count of it is exact."""
+    from qsfm_cli.plan import parse_rates
+
+    rates = parse_rates(HRANK_ROW)
+    model = create_model("resnet56")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    sizes = {}
+    handles = [c.register_forward_hook(lambda m, _i, o: sizes.__setitem__(m, o.shape[-1] * o.shape[-2]))
+               for c in convs]
+    conv_linear_macs(model)
+    for h in handles:
+        h.remove()
+    kept = [c.out_channels - int(r * c.out_channels) for c, r in zip(convs, rates)]
+    linear = model.linear.weight.numel() + model.linear.bias.numel()
+    hrank_flops = sum(c.in_channels * k * 9 * sizes[c] for c, k in zip(convs, kept)) + linear
+    hrank_params = sum(c.in_channels * k * 9 for c, k in zip(convs, kept)) + linear
+    assert abs(hrank_flops / 1e6 - 62.72) <= 0.005 * 62.72 and round(hrank_params / 1e6, 2) == 0.49
+
+    pruned = row_model("resnet56", HRANK_ROW)
+    mids = [int(w * (1 - rates[1 + 2 * b])) for b, w in enumerate([16] * 9 + [32] * 9 + [64] * 9)]
+    assert pruned.mid_widths == mids and pruned.stage_widths == [16, 32, 64]
+    # per block 9 * mid * (in + out) * output pixels; stem 27 * 16 * 1024; linear 64 * 10
+    ins = [16] * 10 + [32] * 9 + [64] * 8
+    outs, pixels = [16] * 9 + [32] * 9 + [64] * 9, [1024] * 9 + [256] * 9 + [64] * 9
+    blocks = sum(9 * m * (i + o) * p for m, i, o, p in zip(mids, ins, outs, pixels))
+    assert conv_linear_macs(pruned) == blocks + 27 * 16 * 1024 + 640

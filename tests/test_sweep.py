@@ -1,0 +1,152 @@
+"""Sweeps end to end: Hydra multiruns of ``qsfm-run`` on synthetic data, the report over them, launchers.
+
+Each ``qsfm-run`` start costs seconds of imports, so the module runs two sweeps (one sequential, one
+parallel) and every test reads their outputs.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from qsfm_cli import report
+from qsfm_cli.app import config_dir
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def qsfm_run(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "qsfm_cli.app", "-m", "experiment=smoke", *overrides],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def job_dirs(sweep: Path) -> dict[str, Path]:
+    return {d.name: d for d in sweep.iterdir() if (d / "metrics.json").is_file()}
+
+
+def metrics_of(job: Path) -> dict:
+    return json.loads((job / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2x2 grid, sequential: scorer {qsfm, l1} x prune.threshold {unset, 0.5}.
+
+    l1 has no threshold rule, so exactly one cell (l1, threshold 0.5) fails, with a clear error.
+    """
+    tmp = tmp_path_factory.mktemp("grid")
+    qsfm_run(tmp, "scorer=qsfm,l1", "prune.threshold=null,0.5",
+             f"hydra.sweep.dir={tmp / 'sweep'}", f"cache.dir={tmp / 'cache'}")
+    return tmp / "sweep"
+
+
+@pytest.fixture(scope="module")
+def parallel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A ratio sweep of QSFM through the joblib launcher, two jobs at once, on a fresh cache."""
+    tmp = tmp_path_factory.mktemp("parallel")
+    proc = qsfm_run(tmp, "hydra/launcher=joblib_local", "scorer=qsfm", "prune.ratio=0.3,0.5",
+                    f"hydra.sweep.dir={tmp / 'sweep'}", f"cache.dir={tmp / 'cache'}")
+    return tmp / "sweep", proc.stdout + proc.stderr
+
+
+def test_grid_writes_one_run_dir_per_job_named_by_what_varied(grid: Path) -> None:
+    assert set(job_dirs(grid)) == {
+        f"experiment=smoke,prune.threshold={t},scorer={s}" for t in ("null", "0.5") for s in ("qsfm", "l1")}
+
+
+def test_failed_job_is_recorded_and_the_sweep_goes_on(grid: Path) -> None:
+    failed = metrics_of(job_dirs(grid)["experiment=smoke,prune.threshold=0.5,scorer=l1"])
+    assert failed["status"] == "failed"
+    assert failed["error"].startswith("ValueError: prune.threshold needs a scorer with a threshold rule")
+    assert failed["config"]["prune"]["threshold"] == 0.5
+
+
+def test_report_lists_three_runs_one_failure_and_valid_plots(grid: Path, tmp_path: Path) -> None:
+    assert report.main([str(grid), "--out", str(tmp_path)]) == 0
+    df = report.collect_runs([grid])
+    ok, failed = report.ok_runs(df), report.failed_runs(df)
+    assert sorted(zip(ok["scorer"], ok["threshold"].fillna(-1))) == [("l1", -1), ("qsfm", -1), ("qsfm", 0.5)]
+    assert list(failed["scorer"]) == ["l1"] and "threshold rule" in failed.iloc[0]["error"]
+    md = (tmp_path / "results.md").read_text()
+    assert "3 finished run(s), 1 failed." in md and "## Failed runs" in md
+    for name in ("pareto.png", "kept_channels.png"):
+        png = tmp_path / name
+        assert png.read_bytes()[:8] == PNG_SIGNATURE
+        assert matplotlib.image.imread(png).shape[2] in (3, 4)
+
+
+def test_jobs_differing_only_in_threshold_reuse_statistics_and_scores(grid: Path) -> None:
+    jobs = job_dirs(grid)
+    first = jobs["experiment=smoke,prune.threshold=null,scorer=qsfm"]
+    second = jobs["experiment=smoke,prune.threshold=0.5,scorer=qsfm"]
+    assert metrics_of(first)["cache"] == {"stats": "miss", "orders": "miss"}
+    assert metrics_of(second)["cache"] == {"stats": "hit", "orders": "hit"}
+    log = (second / "qsfm_run.log").read_text()
+    assert "cache hit: stats/" in log and "cache miss: stats/" not in log
+
+
+def test_joblib_runs_the_ratio_sweep_in_parallel_and_collects_once(parallel: tuple[Path, str]) -> None:
+    sweep, output = parallel
+    jobs = list(job_dirs(sweep).values())
+    assert len(jobs) == 2 and all(metrics_of(j)["status"] == "ok" for j in jobs)
+    assert "Joblib.Parallel(n_jobs=2" in output
+    # both jobs were running at once: each started (Hydra wrote its config) before the other finished
+    spans = [((j / ".hydra" / "config.yaml").stat().st_mtime, (j / "metrics.json").stat().st_mtime) for j in jobs]
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]
+    # the cache lock made the later job wait for the statistics instead of collecting them again
+    assert sorted(metrics_of(j)["cache"]["stats"] for j in jobs) == ["hit", "miss"]
+    logs = [(j / "qsfm_run.log").read_text() for j in jobs]
+    assert sum("cache hit: stats/" in log for log in logs) == 1
+
+
+@pytest.fixture
+def no_submission(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Let submitit build its SLURM executor here (no srun) and capture the job array instead of submitting."""
+    import submitit
+    from submitit.slurm.slurm import SlurmExecutor
+
+    captured: dict = {}
+
+    def capture(executor, fn, *job_args):
+        captured.update(executor=executor, job_args=job_args)
+        return []
+
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", capture)
+    return captured
+
+
+def test_slurm_launcher_config_composes_into_sbatch_parameters(no_submission: dict, tmp_path: Path) -> None:
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm_gpu", "hydra.launcher.timeout_min=30",
+                                           f"hydra.sweep.dir={tmp_path}", "experiment=smoke"],
+                      return_hydra_config=True)
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.setup(hydra_context=None, task_function=None, config=cfg)
+    assert launcher.launch([["scorer=qsfm", "prune.ratio=0.3"], ["scorer=qsfm", "prune.ratio=0.5"]], 0) == []
+    executor = no_submission["executor"]._executor
+    sbatch = executor._make_submission_file_text("python -u job.py", "uid")
+    for line in ("--partition=gpu", "--gpus-per-node=1", "--time=30", "--cpus-per-task=8", "--mem=32GB",
+                 "--job-name=qsfm_run", f"--output={tmp_path}/.submitit/"):
+        assert f"#SBATCH {line}" in sbatch
+    assert executor.parameters["array_parallelism"] == 32
+    assert list(no_submission["job_args"][0]) == [["scorer=qsfm", "prune.ratio=0.3"],
+                                                  ["scorer=qsfm", "prune.ratio=0.5"]]
+
+
+def test_plugins_own_launcher_configs_compose() -> None:
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        slurm = compose("config", overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.partition=a100",
+                                             "hydra.launcher.gpus_per_node=4"], return_hydra_config=True)
+        joblib = compose("config", overrides=["hydra/launcher=joblib", "hydra.launcher.n_jobs=3"],
+                         return_hydra_config=True)
+    assert (slurm.hydra.launcher.partition, slurm.hydra.launcher.gpus_per_node) == ("a100", 4)
+    assert joblib.hydra.launcher.n_jobs == 3
