@@ -27,6 +27,8 @@ def collect_stats(model: nn.Module, channel_sets: list[ChannelSet], images: Imag
     The model is moved to ``device`` and run in eval mode without augmentation (its training mode is
     restored afterwards). ``dead`` is always filled. Results are on the CPU, in float64.
     """
+    if len(images) == 0:
+        raise ValueError("no images to collect statistics on")
     device = torch.device(device)
     accumulators = {cs.name: _LayerAccumulator(cs, requests) for cs in channel_sets}
     taps: dict[tuple[str, bool], list[_LayerAccumulator]] = defaultdict(list)
@@ -48,6 +50,10 @@ def collect_stats(model: nn.Module, channel_sets: list[ChannelSet], images: Imag
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    for acc in accumulators.values():
+        if acc.num_images != len(images):
+            raise ValueError(f"tap {acc.cs.tap!r} of channel set {acc.cs.name!r} saw {acc.num_images} maps for "
+                             f"{len(images)} images: a tap must run exactly once per forward pass")
     return {name: acc.result() for name, acc in accumulators.items()}
 
 
@@ -71,30 +77,33 @@ class _LayerAccumulator:
 
     def __init__(self, cs: ChannelSet, requests: set[StatRequest]):
         self.cs = cs
-        self.requests = requests
         self.kinds = {r.kind for r in requests}
+        self.similarity = [r for r in requests if r.kind == "similarity"]
         self.num_images = 0
+        self.counted = {r: 0 for r in self.similarity}
+        self.sums: dict[str | StatRequest, torch.Tensor] = {}
         self.alive: torch.Tensor | None = None
-        self.similarity: dict[StatRequest, list] = {r: [0.0, 0] for r in requests if r.kind == "similarity"}
-        self.sums: dict[str, torch.Tensor | float] = defaultdict(float)
 
     def update(self, maps: torch.Tensor) -> None:
         maps = self._as_maps(maps)
         self.num_images += len(maps)
         alive = (~constant_channels(maps)).any(0)
         self.alive = alive if self.alive is None else self.alive | alive
-        for request, acc in self.similarity.items():
+        for request in self.similarity:
             total, counted = similarity_sums(maps, request.metric, **dict(request.params))
-            acc[0] = acc[0] + total
-            acc[1] += counted
+            self._add(request, total)
+            self.counted[request] += counted
         if "rank" in self.kinds:
-            self.sums["rank"] = self.sums["rank"] + map_ranks(maps).sum(0, dtype=torch.float64)
+            self._add("rank", map_ranks(maps).sum(0, dtype=torch.float64))
         if "chip" in self.kinds:
-            self.sums["chip"] = self.sums["chip"] + channel_independence(maps).sum(0)
+            self._add("chip", channel_independence(maps).sum(0))
         if "moments" in self.kinds:
             flat = maps.flatten(2).double()
-            self.sums["mean"] = self.sums["mean"] + flat.mean(2).sum(0)
-            self.sums["gram"] = self.sums["gram"] + torch.bmm(flat, flat.transpose(1, 2)).sum(0) / flat.shape[2]
+            self._add("mean", flat.mean(2).sum(0))
+            self._add("gram", torch.bmm(flat, flat.transpose(1, 2)).sum(0) / flat.shape[2])
+
+    def _add(self, key: str | StatRequest, value: torch.Tensor) -> None:
+        self.sums[key] = self.sums[key] + value if key in self.sums else value
 
     def _as_maps(self, maps: torch.Tensor) -> torch.Tensor:
         maps = maps.detach()
@@ -106,15 +115,11 @@ class _LayerAccumulator:
         return maps.float() if maps.dtype in (torch.float16, torch.bfloat16) else maps
 
     def result(self) -> LayerStats:
-        if self.alive is None:
-            raise RuntimeError(f"the tap {self.cs.tap!r} of channel set {self.cs.name!r} never ran: "
-                               f"no images, or the module is not on the forward path")
-        n = self.num_images
-        cpu = {k: v.to("cpu") / n for k, v in self.sums.items()}
+        mean_of = {k: v.cpu() / self.num_images for k, v in self.sums.items() if isinstance(k, str)}
         return LayerStats(
-            num_images=n,
+            num_images=self.num_images,
             dead=~self.alive.cpu(),
-            similarity={r.key: (total / max(counted, 1)).cpu() for r, (total, counted) in self.similarity.items()},
-            counted={r.key: counted for r, (_, counted) in self.similarity.items()},
-            mean=cpu.get("mean"), gram=cpu.get("gram"), rank=cpu.get("rank"), chip=cpu.get("chip"),
+            similarity={r.key: self.sums[r].cpu() / max(self.counted[r], 1) for r in self.similarity},
+            counted={r.key: self.counted[r] for r in self.similarity},
+            mean=mean_of.get("mean"), gram=mean_of.get("gram"), rank=mean_of.get("rank"), chip=mean_of.get("chip"),
         )

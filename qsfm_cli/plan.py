@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -191,10 +191,12 @@ class PlanSpec:
                 "allocation": self.allocation, "scope": self.scope, "min_channels": self.min_channels}
 
     def validate(self, sets: list[ChannelSet], model: nn.Module | None = None) -> None:
-        """Checks that need the channel sets, done before any statistics are collected."""
+        """Checks that need the channel sets, done before any statistics are collected. The rate list's
+        layout is checked only with ``model``, which the papers' layouts depend on (``make_keep``, which
+        gets the model, checks it in any case)."""
         if not sets:
             raise ValueError(f"prune.scope={self.scope} has no prunable channel set in this model")
-        if self.rates is not None:
+        if self.rates is not None and model is not None:
             _rate_counts(parse_rates(self.rates), sets, _layouts(sets, model), self.scope, self.min_channels)
 
 
@@ -300,8 +302,8 @@ def _rate_counts(rates: list[float], sets: list[ChannelSet], layouts: list[RateL
                              f"prune.scope={scope}; use prune.scope=stage")
         kept = int(sizes[target] * (1 - rate))  # the papers' own rounding
         counts[target] = _clamp(sizes[target] - kept, sizes[target], min_channels)
-    notes = [f"{layout.name} layout: entries {ignored} are ignored, as in the paper's pruned-model code"] \
-        if ignored else []
+    notes = [f"{layout.name} layout: {len(ignored)} nonzero entries (from entry {ignored[0]} on) are ignored, "
+             "as in the paper's pruned-model code"] if ignored else []
     return counts, layout.name, notes
 
 
@@ -355,46 +357,65 @@ class MacsMeter:
 # ------------------------------------------------------------------------------------ target searches
 def _search_counts(plan: PlanSpec, sets: list[ChannelSet], orders: Orders, prune_fn, meter: MacsMeter
                    ) -> tuple[dict[str, int], dict[str, Any]]:
-    """Smallest uniform ratio (or largest threshold) whose MACs reduction reaches the target; the step
-    below it instead when that one is within the tolerance and closer."""
+    """The uniform ratio (or global threshold) whose MACs reduction is closest to the target.
+
+    Both are step functions: between two neighbouring steps several sets change at once (a uniform
+    ratio moves every set of one width together), which can jump by several percentage points. The jump
+    is then resolved set by set: the first sets, in forward order, take the next step's count, as many
+    as bring the reduction closest to the target.
+    """
     if plan.allocation == "uniform":
-        steps = sorted({k / s.size for s in sets for k in range(s.size)})
+        steps = sorted({k / s.size for s in sets for k in range(s.size)})[1:] + [1.0 - _EPS]
         counts_at = lambda r: _ratio_counts(r, sets, plan.min_channels)  # noqa: E731
-        key = "ratio"
+        start, key = counts_at(0.0), "ratio"
     else:
-        _threshold_counts(math.inf, orders, sets, plan.min_channels)  # the clear error for value-less orders
-        values = {v for s in sets for v in orders[s.name].values if math.isfinite(v)}
-        steps = sorted(values, reverse=True)  # descending threshold = more removed
+        start = _threshold_counts(math.inf, orders, sets, plan.min_channels)  # dead channels only
+        steps = sorted({v for s in sets for v in orders[s.name].values if math.isfinite(v)}, reverse=True)
         counts_at = lambda t: _threshold_counts(t, orders, sets, plan.min_channels)  # noqa: E731
         key = "threshold"
-    reached = {}
+    cache: dict[tuple, float] = {}
 
-    def reduction(i: int) -> float:
-        if i not in reached:
-            reached[i] = meter.reduction(prune_fn(_keep_from_counts(orders, sets, counts_at(steps[i]))))
-        return reached[i]
+    def reduction(counts: dict[str, int]) -> float:
+        k = tuple(counts.values())
+        if k not in cache:
+            cache[k] = meter.reduction(prune_fn(_keep_from_counts(orders, sets, counts)))
+        return cache[k]
 
     target = plan.target_macs_reduction
-    lo, hi = 0, len(steps) - 1
-    if reduction(hi) < target - TOLERANCE:
+    top = counts_at(steps[-1])
+    if reduction(top) < target - TOLERANCE:
         raise ValueError(f"prune.target_macs_reduction={target} cannot be reached: pruning with "
-                         f"{key}={steps[hi]:.4g} (min_channels={plan.min_channels}) removes only "
-                         f"{100 * reduction(hi):.2f}% of the MACs")
-    while lo < hi:  # first step reaching the target
+                         f"{key}={steps[-1]:.4g} (min_channels={plan.min_channels}) removes only "
+                         f"{100 * reduction(top):.2f}% of the MACs")
+    i = _first(len(steps), lambda i: reduction(counts_at(steps[i])) >= target)
+    lower, upper = (counts_at(steps[i - 1]) if i > 0 else start), counts_at(steps[i])
+    moving = [s.name for s in sets if upper[s.name] != lower[s.name]]
+    between = lambda k: {**lower, **{n: upper[n] for n in moving[:k]}}  # noqa: E731
+    k = _first(len(moving) + 1, lambda k: reduction(between(k)) >= target)
+    if k > 0 and abs(reduction(between(k - 1)) - target) < abs(reduction(between(k)) - target):
+        k -= 1
+    counts = between(k)
+    below = steps[i - 1] if i > 0 else (0.0 if key == "ratio" else None)  # None: above every value
+    found = {key: steps[i] if k == len(moving) else below, "target_macs_reduction": target,
+             "macs_reduction": reduction(counts), "evaluations": len(cache)}
+    if 0 < k < len(moving):
+        found.update(next_step=steps[i], next_step_sets=moving[:k])
+    if abs(found["macs_reduction"] - target) > TOLERANCE:
+        found["note"] = (f"no {key} comes within {100 * TOLERANCE:.1f} pp of the target; closest reached "
+                         f"{100 * found['macs_reduction']:.2f}%")
+    return counts, found
+
+
+def _first(n: int, reaches: Callable[[int], bool]) -> int:
+    """Smallest i in [0, n) with reaches(i), for a monotone predicate that holds at n - 1."""
+    lo, hi = 0, n - 1
+    while lo < hi:
         mid = (lo + hi) // 2
-        if reduction(mid) >= target:
+        if reaches(mid):
             hi = mid
         else:
             lo = mid + 1
-    best = lo
-    if lo > 0 and abs(reduction(lo - 1) - target) < abs(reduction(lo) - target):
-        best = lo - 1
-    found = {key: steps[best], "target_macs_reduction": target, "macs_reduction": reduction(best),
-             "evaluations": len(reached)}
-    if abs(reduction(best) - target) > TOLERANCE:
-        found["note"] = (f"no {key} comes within {100 * TOLERANCE:.1f} pp of the target; closest reached "
-                         f"{100 * reduction(best):.2f}%")
-    return counts_at(steps[best]), found
+    return lo
 
 
 # ----------------------------------------------------------------------------------------- sensitivity

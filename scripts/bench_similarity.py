@@ -79,8 +79,8 @@ def best_time(fn, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--loop-images", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--loop-images", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -92,7 +92,7 @@ def main() -> None:
         maps = relu_maps(shape, args.seed)
         fast = best_time(lambda: similarity_matrix(maps, "ssim"), args.repeats)
         subset = maps[:args.loop_images]
-        loop_part = best_time(lambda: ssim_loop(subset), 1)
+        loop_part = best_time(lambda: ssim_loop(subset), 2)
         loop = loop_part * args.images / args.loop_images
         s32 = similarity_matrix(maps, "ssim")
         err64 = (s32 - similarity_matrix(maps.double(), "ssim")).abs().max().item()

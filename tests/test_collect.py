@@ -143,3 +143,24 @@ def test_bad_channel_sets_are_named(images):
         collect_stats(Tiny(), [ChannelSet("conv1", 6, ("conv1",), "nope")], images, set())
     with pytest.raises(ValueError, match="channel set 'conv1' has 7 channels but its tap 'conv2'"):
         collect_stats(Tiny(), [ChannelSet("conv1", 7, ("conv1",), "conv2")], images, set())
+
+
+class Twice(nn.Module):
+    """One ReLU module applied twice per forward (as in torchvision's BasicBlock)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.off_path = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.relu(self.relu(self.conv(x)) - 1)
+
+
+def test_a_tap_must_run_exactly_once_per_forward(images):
+    relu = ChannelSet("conv", 4, ("conv",), "relu", False)
+    with pytest.raises(ValueError, match="tap 'relu' of channel set 'conv' saw 80 maps for 40 images"):
+        collect_stats(Twice(), [relu], images, set())
+    with pytest.raises(ValueError, match="saw 0 maps for 40 images"):
+        collect_stats(Twice(), [ChannelSet("conv", 4, ("conv",), "off_path")], images, set())

@@ -165,9 +165,10 @@ def test_map_ranks_are_matrix_ranks():
     assert get_scorer("hrank").score(nn.Identity(), [ONE], stats)["a"].removal == [0, 1, 3, 2]
 
 
-def test_channel_independence_is_the_nuclear_norm_difference(monkeypatch):
+@pytest.mark.parametrize("side", [(6, 7), (2, 2)])          # HW >= C and HW < C
+def test_channel_independence_is_the_nuclear_norm_difference(side, monkeypatch):
     g = torch.Generator().manual_seed(1)
-    maps = torch.relu(torch.randn(3, 5, 6, 7, generator=g))
+    maps = torch.relu(torch.randn(3, 5, *side, generator=g))
     maps[:, 3] = maps[:, 0] * 2           # a channel fully explained by another: CI tiny
     expected = torch.zeros(3, 5, dtype=torch.float64)
     for n in range(3):

@@ -70,6 +70,7 @@ class _Traced:
             model.train(was_training)
         self.model = model
         self.names = {m: n for n, m in model.named_modules()}
+        self.position = {n: i for i, (n, _) in enumerate(model.named_modules())}
         unused = [n for n, m in model.named_modules() if isinstance(m, _LAYERS) and n not in self.run.order]
         if unused:
             raise ValueError(
@@ -113,7 +114,7 @@ def _channel_set(traced: _Traced, group) -> ChannelSet | None:
         return None
     names = traced.names
     producers = sorted({names[m] for m, h in modules if isinstance(m, _ConvNd) and traced.is_out(h)},
-                       key=list(names.values()).index)
+                       key=traced.position.__getitem__)
     name = producers[0]
     size = traced.model.get_submodule(name).out_channels
     order = traced.run.order

@@ -162,10 +162,15 @@ def _windowed_ssim(x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, band_h: 
     if c < 2:
         return sums
     band_h_t, band_w_t = band_h.T.contiguous(), band_w.T.contiguous()
+    blocks = _band_blocks(band_h_t)
 
     def blur(t: torch.Tensor) -> torch.Tensor:
         """[H, W, C, B] -> [H', W', C, B]."""
-        rows = (band_h_t @ t.reshape(h, -1)).view(-1, w, c * b)
+        flat = t.reshape(h, -1)
+        rows = flat.new_empty(band_h_t.shape[0], flat.shape[1])
+        for (r0, r1, k0, k1), block in blocks:
+            torch.mm(block, flat[k0:k1], out=rows[r0:r1])
+        rows = rows.view(-1, w, c * b)
         return torch.bmm(band_w_t.expand(len(rows), -1, -1), rows).view(len(rows), -1, c, b)
 
     # one 2-D transpose: far faster than a 4-D permute
@@ -193,6 +198,19 @@ def _windowed_ssim(x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, band_h: 
         sums[channel, partner] = pair_sums
         sums[partner, channel] = pair_sums
     return sums
+
+
+def _band_blocks(band_t: torch.Tensor) -> list:
+    """Split a [n', n] band matrix into row blocks of about the window's height, each with only the input
+    columns it touches: the products skip most of the band's zeros (about a third fewer operations for
+    32-pixel maps)."""
+    positions, n = band_t.shape
+    window = n - positions + 1
+    blocks = []
+    for r0 in range(0, positions, window):
+        r1 = min(r0 + window, positions)
+        blocks.append(((r0, r1, r0, r1 + window - 1), band_t[r0:r1, r0:r1 + window - 1].contiguous()))
+    return blocks
 
 
 @lru_cache(maxsize=64)

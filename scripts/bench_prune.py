@@ -1,0 +1,124 @@
+"""Do physically pruned models run faster? Latency speedup next to the MACs reduction factor.
+
+    python scripts/bench_prune.py                       # CPU, ResNet-56 at 0.3/0.5/0.7, MobileNetV2 at 0.5
+    python scripts/bench_prune.py --device cuda --threads 0
+    python scripts/bench_prune.py --rows                # also the published rows' MACs/params
+
+Channels are removed from each model's default sets (ResNet block-internal, MobileNetV2 hidden channels) in
+ascending L1 norm of their filters: the architecture's speed is measured, not a scorer. Latency is the
+median of ``--repeats`` timed forward passes (after warm-up) of an untrained model in eval mode on random
+32x32 inputs, batch 1 and batch 64; the unpruned and pruned models are timed alternately, round after
+round, so that a busy machine slows both alike.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from qsfm_cli.evaluate import count_macs, count_params
+from qsfm_cli.models import create_model
+from qsfm_cli.plan import PlanSpec, make_keep
+from qsfm_cli.pruning import apply_keep, channel_sets
+from qsfm_cli.types import Order
+
+CASES = [("resnet56", 0.3), ("resnet56", 0.5), ("resnet56", 0.7), ("mobilenetv2", 0.5)]
+ROWS = [("HRank ResNet-56", "resnet56", "default",
+         "[0.1]+[0.60]*35+[0.0]*2+[0.6]*6+[0.4]*3+[0.1]+[0.4]+[0.1]+[0.4]+[0.1]+[0.4]+[0.1]+[0.4]", 62.72, 0.49),
+        ("CHIP ResNet-56 (a)", "resnet56", "stage", "[0.]+[0.15]*2+[0.4]*27", 65.94, 0.48),
+        ("CHIP ResNet-56 (b)", "resnet56", "stage", "[0.]+[0.4]*2+[0.5]*9+[0.6]*9+[0.7]*9", 34.79, 0.24),
+        ("CHIP ResNet-110", "resnet110", "stage", "[0.]+[0.2]*2+[0.3]*18+[0.35]*36", 140.54, 1.04)]
+
+
+def l1_orders(model: nn.Module, sets) -> dict[str, Order]:
+    orders = {}
+    for s in sets:
+        norms = model.get_submodule(s.name).weight.detach().abs().flatten(1).sum(1)
+        orders[s.name] = Order(removal=norms.argsort().tolist())
+    return orders
+
+
+def pruned_copy(model: nn.Module, x: torch.Tensor, plan: PlanSpec) -> nn.Module:
+    sets = channel_sets(model, x, plan.scope)
+    plan.validate(sets, model)
+    keep, _ = make_keep(l1_orders(model, sets), sets, plan, model=model, example_input=x)
+    return apply_keep(model, keep, x).eval()
+
+
+@torch.no_grad()
+def paired_latency(models: list[nn.Module], batch: int, device: torch.device, repeats: int,
+                   warmup: int = 3) -> list[float]:
+    """Median milliseconds per forward pass of each model, timed in alternation."""
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    times: list[list[float]] = [[] for _ in models]
+    for r in range(warmup + repeats):
+        for i, model in enumerate(models):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if r >= warmup:
+                times[i].append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+def bench(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    print(f"device {device}, torch threads {torch.get_num_threads()}, median of {args.repeats} repeats")
+    print(f"{'model':<12} {'ratio':>5} {'MACs M':>15} {'MACs x':>7} {'params M':>13} "
+          f"{'b1 ms':>15} {'b1 x':>6} {'b64 ms':>17} {'b64 x':>6}")
+    x = torch.zeros(1, 3, 32, 32)
+    for name, ratio in CASES:
+        torch.manual_seed(0)
+        model = create_model(name).eval()
+        pruned = pruned_copy(model, x, PlanSpec(ratio=ratio))
+        macs = count_macs(model), count_macs(pruned)
+        params = count_params(model), count_params(pruned)
+        model, pruned = model.to(device), pruned.to(device)
+        b1 = paired_latency([model, pruned], 1, device, args.repeats)
+        b64 = paired_latency([model, pruned], 64, device, max(5, args.repeats // 3))
+        print(f"{name:<12} {ratio:>5} {macs[0] / 1e6:>7.2f}>{macs[1] / 1e6:<7.2f} {macs[0] / macs[1]:>7.2f} "
+              f"{params[0] / 1e6:>6.3f}>{params[1] / 1e6:<6.3f} {b1[0]:>7.2f}>{b1[1]:<7.2f} {b1[0] / b1[1]:>6.2f} "
+              f"{b64[0]:>8.2f}>{b64[1]:<8.2f} {b64[0] / b64[1]:>6.2f}")
+
+
+def rows() -> None:
+    """Our counts of the published rows' networks beside the papers' figures."""
+    print(f"\n{'row':<19} {'ours MACs M':>11} {'params M':>8} {'w/o BN':>7} {'thop FLOPs M':>12} {'paper':>14}")
+    x = torch.zeros(1, 3, 32, 32)
+    for label, name, scope, rates, paper_flops, paper_params in ROWS:
+        model = create_model(name).eval()
+        pruned = pruned_copy(model, x, PlanSpec(rates=rates, scope=scope))
+        bn = []
+        hooks = [m.register_forward_hook(lambda _m, _i, o: bn.append(o.numel())) for m in pruned.modules()
+                 if isinstance(m, nn.BatchNorm2d)]
+        macs = count_macs(pruned)
+        for h in hooks:
+            h.remove()
+        thop = macs + 2 * sum(bn) + 65 * pruned.stage_widths[-1]   # + global average pool
+        no_bn = sum(p.numel() for n, p in pruned.named_parameters() if "bn" not in n)
+        print(f"{label:<19} {macs / 1e6:>11.2f} {count_params(pruned) / 1e6:>8.4f} {no_bn / 1e6:>7.4f} "
+              f"{thop / 1e6:>12.2f} {paper_flops:>7.2f}/{paper_params:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--rows", action="store_true", help="also count the published rows' networks")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bench(args)
+    if args.rows:
+        rows()
+
+
+if __name__ == "__main__":
+    main()
