@@ -5,11 +5,14 @@ in batched tensor ops (``qsfm_cli.loaders``), so the same data serves training, 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+log = logging.getLogger(__name__)
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -49,7 +52,7 @@ class ImageSet:
 DATASETS = ("cifar10", "cifar100", "digits", "fake")
 
 
-def load_dataset(name: str, root: str | None = None, *, download: bool = True, verify: bool = True,
+def load_dataset(name: str, root: str | None = None, *, download: bool = True, verify: bool | str = "auto",
                  num_classes: int | None = None, size: int = 32, train_size: int = 512,
                  test_size: int = 256, seed: int = 0) -> tuple[ImageSet, ImageSet]:
     """Return ``(train, test)`` for one of ``DATASETS``.
@@ -66,15 +69,23 @@ def load_dataset(name: str, root: str | None = None, *, download: bool = True, v
     raise ValueError(f"unknown dataset {name!r}; accepted: {', '.join(DATASETS)}")
 
 
-def _cifar(name: str, root: str | None, *, download: bool, verify: bool) -> tuple[ImageSet, ImageSet]:
+VERIFY_MODES = (True, False, "auto")
+
+
+def _cifar(name: str, root: str | None, *, download: bool, verify: bool | str) -> tuple[ImageSet, ImageSet]:
+    """torchvision's CIFAR. ``verify``: ``True`` refuses files whose MD5 differs from torchvision's list;
+    ``False`` skips the check; ``"auto"`` checks, and when a local copy fails it (a copy rebuilt from a
+    lossless export, or holding only some training batches) uses it with a warning saying so."""
     from torchvision import datasets
 
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"dataset.verify={verify!r}; accepted: true, false, auto")
     base = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     root = str(Path(root or "data").expanduser())
 
     class Unverified(base):  # type: ignore[misc, valid-type]
-        """torchvision's CIFAR without its MD5 check, for a local copy whose bytes differ; a copy that
-        holds only some of the training batches serves those."""
+        """torchvision's CIFAR without its MD5 check; a copy that holds only some of the training batches
+        serves those."""
 
         def __init__(self, root: str, **kwargs):
             folder = Path(root) / self.base_folder
@@ -85,21 +96,42 @@ def _cifar(name: str, root: str | None, *, download: bool, verify: bool) -> tupl
             folder = Path(self.root) / self.base_folder
             return bool(self.train_list) and all((folder / f).is_file() for f, _ in self.test_list)
 
-    cls = base if verify else Unverified
+    cls = base
+    if verify is False or (verify == "auto" and _local_copy_unverified(base, root)):
+        cls = Unverified
     mean, std = (CIFAR_MEAN, CIFAR_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
     splits = []
     for train in (True, False):
         try:
-            ds = cls(root, train=train, download=download and verify)
+            ds = cls(root, train=train, download=download and cls is base)
         except RuntimeError as err:
             raise FileNotFoundError(
                 f"{name} not found under dataset.root={root!r} ({err}); point dataset.root at a folder "
-                f"holding {base.base_folder}/ (set dataset.verify=false for a copy whose checksums differ)"
+                f"holding {base.base_folder}/ (dataset.verify=true refuses a copy whose checksums differ)"
             ) from None
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         labels = torch.as_tensor(ds.targets, dtype=torch.long)
         splits.append(ImageSet(images, labels, len(ds.classes), mean, std, name))
     return splits[0], splits[1]
+
+
+def _local_copy_unverified(base: type, root: str) -> bool:
+    """True when ``root`` holds a usable copy (the test batch and some training batches) that fails
+    torchvision's MD5 check; logs what differs."""
+    from torchvision.datasets.utils import check_integrity
+
+    folder = Path(root) / base.base_folder
+    present = [f for f, _ in base.train_list + base.test_list if (folder / f).is_file()]
+    if not any(f == base.test_list[0][0] for f in present) or len(present) < 2:
+        return False
+    missing = [f for f, _ in base.train_list if f not in present]
+    differing = [f for f, md5 in base.train_list + base.test_list
+                 if f in present and not check_integrity(str(folder / f), md5)]
+    if missing or differing:
+        log.warning("%s: using the local copy as it is (dataset.verify=true refuses it); MD5 differs from "
+                    "torchvision's list: %s; missing: %s", folder, ", ".join(differing) or "none",
+                    ", ".join(missing) or "none")
+    return bool(missing or differing)
 
 
 def _digits(seed: int) -> tuple[ImageSet, ImageSet]:

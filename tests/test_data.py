@@ -36,10 +36,12 @@ def test_unknown_dataset_names_the_choices():
 
 
 @pytest.mark.slow
-def test_shared_cifar_copy_needs_the_unverified_loader():
+def test_shared_cifar_copy_fails_the_md5_check_and_loads_unverified():
     shared_file("data", "cifar-10-batches-py", "test_batch")
     with pytest.raises(FileNotFoundError):
         load_dataset("cifar10", str(CIFAR_ROOT), download=False, verify=True)
     train, test = load_dataset("cifar10", str(CIFAR_ROOT), download=False, verify=False)
     assert len(train) == 10_000 and len(test) == 10_000
+    auto_train, _ = load_dataset("cifar10", str(CIFAR_ROOT), download=False)
+    assert torch.equal(auto_train.images, train.images)
     assert torch.bincount(test.labels).tolist() == [1000] * 10
