@@ -16,7 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from . import outputs
+from . import outputs, references
 
 log = logging.getLogger("qsfm_cli")
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -78,7 +78,8 @@ def build_experiment(cfg: DictConfig, run_dir: Path):
         resume=cfg.resume,
         save_model=cfg.save_model,
         progress=cfg.progress,
-        record={"dataset": cfg.dataset.name, "reference": resolved["reference"], "config": resolved},
+        record={"dataset": cfg.dataset.name, "config": resolved,
+                "reference": references.reference(cfg.reference).as_dict() if cfg.reference else None},
     )
 
 

@@ -58,6 +58,18 @@ def accuracy(model: nn.Module, ds: ImageSet, *, device: str | torch.device = "cp
 
 
 @torch.no_grad()
+def forward_ms(model: nn.Module, x: torch.Tensor) -> float:
+    """Wall time of one forward pass in milliseconds (CUDA work included: the device is synchronized)."""
+    sync = x.device.type == "cuda"
+    if sync:
+        torch.cuda.synchronize(x.device)
+    start = time.perf_counter()
+    model(x)
+    if sync:
+        torch.cuda.synchronize(x.device)
+    return (time.perf_counter() - start) * 1e3
+
+
 def latency_ms(model: nn.Module, batch_size: int, *, device: str | torch.device = "cpu",
                input_hw: tuple[int, int] = (32, 32), repeats: int = 20, warmup: int = 3,
                min_warmup_s: float = 0.5) -> float:
@@ -67,25 +79,14 @@ def latency_ms(model: nn.Module, batch_size: int, *, device: str | torch.device 
     input shape set up kernels and thread pools, which would otherwise inflate whichever model is
     timed first.
     """
-    device = torch.device(device)
     model.eval()
     x = torch.randn(batch_size, 3, *input_hw, device=device)
-
-    def timed() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) * 1e3
-
     warm_start = time.perf_counter()
     for i in itertools.count():
-        timed()
+        forward_ms(model, x)
         if i + 1 >= warmup and time.perf_counter() - warm_start >= min_warmup_s:
             break
-    return statistics.median(timed() for _ in range(repeats))
+    return statistics.median(forward_ms(model, x) for _ in range(repeats))
 
 
 def evaluate(model: nn.Module, test: ImageSet, *, device: str | torch.device = "cpu",

@@ -31,7 +31,27 @@ def _num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
-class DeviceLoader:
+class _EpochLoader:
+    """What both loaders share: the batch count, and iteration that walks epochs 0, 1, 2, ...
+    (subclasses set ``num_images``, ``batch_size``, ``drop_last``, ``epoch`` and define ``iter_epoch``)."""
+
+    num_images: int
+    batch_size: int
+    drop_last: bool
+    epoch: int
+
+    def __len__(self) -> int:
+        return _num_batches(self.num_images, self.batch_size, self.drop_last)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return self.iter_epoch(epoch)
+
+    def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class DeviceLoader(_EpochLoader):
     """Iterate ``(images, labels)`` batches of ``ds`` on ``device``, normalized to float32.
 
     With ``train=True`` the order is shuffled and each image gets the standard CIFAR augmentation: a random
@@ -66,13 +86,6 @@ class DeviceLoader:
         mean = torch.tensor(ds.mean, dtype=torch.float32)
         self.scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1).to(self.device)
         self.shift = (-mean / std).view(1, -1, 1, 1).to(self.device)
-
-    def __len__(self) -> int:
-        return _num_batches(self.num_images, self.batch_size, self.drop_last)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        return self.iter_epoch(epoch)
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches ``start_batch, start_batch + 1, ...`` of ``epoch``; the same for the same (seed, epoch)."""
@@ -189,7 +202,7 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class TorchvisionLoader:
+class TorchvisionLoader(_EpochLoader):
     """The ``DataLoader`` + PIL-transform path with ``DeviceLoader``'s contract (same constructor keywords,
     ``iter_epoch``, batches on ``device``). Augmentation follows ``train_transform``."""
 
@@ -210,13 +223,6 @@ class TorchvisionLoader:
             ImageSetDataset(ds, transform), batch_size=batch_size, sampler=self.sampler,
             drop_last=drop_last, num_workers=num_workers, persistent_workers=num_workers > 0,
             pin_memory=self.device.type == "cuda", worker_init_fn=_ignore_sigint)
-
-    def __len__(self) -> int:
-        return _num_batches(self.num_images, self.batch_size, self.drop_last)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        return self.iter_epoch(epoch)
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.epoch, self.sampler.start = epoch, min(start_batch * self.batch_size, self.num_images)

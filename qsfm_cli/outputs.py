@@ -70,8 +70,10 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 def results_row(metrics: dict[str, Any]) -> dict[str, Any]:
     """The one-row summary of a finished run (``metrics.json`` holds the full record)."""
     base, final = metrics["base"], metrics["final"]
-    row = {key: metrics.get(key) for key in
-           ("model", "dataset", "scorer", "protocol", "ratio", "compensate", "seed", "finetune_epochs")}
+    row = {key: metrics.get(key) for key in ("model", "dataset", "scorer")}
+    row["metric"] = metrics.get("scorer_options", {}).get("metric")
+    row.update({key: metrics.get(key) for key in ("protocol", "ratio", "compensate", "bn_recalibration",
+                                                   "iterative_steps", "seed", "finetune_epochs")})
     row.update({
         "base_top1": base["top1"],
         "pruned_top1": final["top1"],

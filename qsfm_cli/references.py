@@ -12,9 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
+from .evaluate import count_macs
+
 # ResNet-56's own size (the papers' baseline rows round it to 125.49M MACs / 0.85M params); reductions of
 # rows that state only absolute figures are taken against it.
 _RESNET56_BASE = {"macs_M": 125.485696, "params_M": 0.853018}
+_RESNET110_BASE = {"macs_M": 252.88768, "params_M": 1.727962}
 
 QSFM_SOURCE = "QSFM, Wang et al. 2021 (arXiv 2105.06052)"
 HRANK_SOURCE = "HRank, Lin et al., CVPR 2020 (arXiv 2002.10179)"
@@ -25,10 +30,12 @@ CHIP_SOURCE = "CHIP, Sui et al., NeurIPS 2021 (arXiv 2110.13981)"
 class Reference:
     """One published pruning result.
 
-    ``method`` is the name of the matching scorer in this tool (``qsfm``, ``hrank``, ``chip``), so a
-    report can pair the paper's point with the runs of the same criterion.
+    ``key`` names it in an experiment config (``reference: chip_resnet56_a``); ``method`` is the name of
+    the matching scorer in this tool (``qsfm``, ``hrank``, ``chip``), so a report can pair the paper's
+    point with the runs of the same criterion.
     """
 
+    key: str
     method: str
     model: str
     dataset: str
@@ -89,36 +96,68 @@ def _reduction(stated: float | None, value: float | None, base: float | None) ->
     return round(100.0 * (1.0 - value / base), 2)
 
 
-def _hrank56(top1: float, macs_M: float, params_M: float) -> Reference:
-    return Reference("hrank", "resnet56", "cifar10", HRANK_SOURCE, "ResNet-56 CIFAR-10 results table",
+def _hrank56(key: str, top1: float, macs_M: float, params_M: float) -> Reference:
+    return Reference(key, "hrank", "resnet56", "cifar10", HRANK_SOURCE, "ResNet-56 CIFAR-10 results table",
                      finetuned=True, base_top1=93.26, top1=top1, macs_M=macs_M, params_M=params_M,
                      base_macs_M=_RESNET56_BASE["macs_M"], base_params_M=_RESNET56_BASE["params_M"])
 
 
-def _chip56(top1: float, macs_M: float, params_M: float) -> Reference:
-    return Reference("chip", "resnet56", "cifar10", CHIP_SOURCE, "CIFAR-10 results table", finetuned=True,
+def _chip56(key: str, top1: float, macs_M: float, params_M: float) -> Reference:
+    return Reference(key, "chip", "resnet56", "cifar10", CHIP_SOURCE, "CIFAR-10 results table", finetuned=True,
                      base_top1=93.26, top1=top1, macs_M=macs_M, params_M=params_M,
                      base_macs_M=_RESNET56_BASE["macs_M"], base_params_M=_RESNET56_BASE["params_M"])
 
 
 REFERENCES: tuple[Reference, ...] = (
-    Reference("qsfm", "resnet56", "cifar10", QSFM_SOURCE, "ResNet-56 CIFAR-10 result",
+    Reference("qsfm_resnet56", "qsfm", "resnet56", "cifar10", QSFM_SOURCE, "ResNet-56 CIFAR-10 result",
               finetuned=False, stated_top1_drop=0.54,
               stated_macs_reduction_pct=48.27, stated_params_reduction_pct=57.90),
-    _hrank56(top1=93.52, macs_M=88.72, params_M=0.71),
-    _hrank56(top1=93.17, macs_M=62.72, params_M=0.49),
-    _hrank56(top1=90.72, macs_M=32.52, params_M=0.27),
-    Reference("hrank", "resnet110", "cifar10", HRANK_SOURCE, "abstract", finetuned=True,
+    _hrank56("hrank_resnet56_88m", top1=93.52, macs_M=88.72, params_M=0.71),
+    _hrank56("hrank_resnet56", top1=93.17, macs_M=62.72, params_M=0.49),
+    _hrank56("hrank_resnet56_33m", top1=90.72, macs_M=32.52, params_M=0.27),
+    Reference("hrank_resnet110", "hrank", "resnet110", "cifar10", HRANK_SOURCE, "abstract", finetuned=True,
               base_top1=93.50, stated_top1_drop=0.14,
               stated_macs_reduction_pct=58.2, stated_params_reduction_pct=59.2),
-    _chip56(top1=94.16, macs_M=65.94, params_M=0.48),
-    _chip56(top1=92.05, macs_M=34.79, params_M=0.24),
-    Reference("chip", "resnet110", "cifar10", CHIP_SOURCE, "abstract", finetuned=True,
-              base_top1=93.50, top1=94.44, stated_macs_reduction_pct=52.1, stated_params_reduction_pct=48.3),
+    _chip56("chip_resnet56_a", top1=94.16, macs_M=65.94, params_M=0.48),
+    _chip56("chip_resnet56_b", top1=92.05, macs_M=34.79, params_M=0.24),
+    Reference("chip_resnet110", "chip", "resnet110", "cifar10", CHIP_SOURCE, "CIFAR-10 results table",
+              finetuned=True, base_top1=93.50, top1=94.44, macs_M=140.54, params_M=1.04,
+              base_macs_M=_RESNET110_BASE["macs_M"], base_params_M=_RESNET110_BASE["params_M"]),
 )
+
+
+def reference(key: str) -> Reference:
+    """The published row named ``key`` (what an experiment config's ``reference:`` holds)."""
+    for row in REFERENCES:
+        if row.key == key:
+            return row
+    raise ValueError(f"unknown reference {key!r}; accepted: {', '.join(r.key for r in REFERENCES)}")
 
 
 def references_for(model: str, dataset: str, method: str | None = None) -> list[Reference]:
     """Published rows for ``model`` on ``dataset`` (and criterion ``method`` when given)."""
     return [r for r in REFERENCES
             if r.model == model and r.dataset == dataset and (method is None or r.method == method)]
+
+
+# ---------------------------------------------------------------------------- the papers' counting conventions
+
+def conv_linear_params(model: nn.Module) -> int:
+    """Parameters of conv and linear layers only: HRank's and CHIP's tables leave BatchNorm out."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return sum(p.numel() for m in layers for p in m.parameters())
+
+
+def thop_flops(model: nn.Module) -> int:
+    """CHIP's FLOPs of a CIFAR ResNet, as ``thop`` counts them: conv/linear multiply-accumulates, plus
+    2 operations per BatchNorm output element (eval mode), plus (kernel size + 1) per output of the
+    final 8x8 global average pool."""
+    bn: list[int] = []
+    handles = [m.register_forward_hook(lambda _m, _i, out: bn.append(out.numel())) for m in model.modules()
+               if isinstance(m, nn.BatchNorm2d)]
+    try:
+        macs = count_macs(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return macs + 2 * sum(bn) + (8 * 8 + 1) * model.stage_widths[-1]

@@ -22,19 +22,20 @@ from .outputs import METRICS_FILE, atomic_write, results_row, write_text
 from .references import Reference, references_for
 
 TRAIN_LOG = "train_log.csv"
-SORT_KEYS = ["model", "scorer", "ratio", "threshold", "target_macs_reduction", "compensate",
-             "finetune_epochs", "seed", "run"]
+SORT_KEYS = ["model", "scorer", "metric", "compensate", "bn_recalibration", "ratio", "threshold",
+             "target_macs_reduction", "finetune_epochs", "seed", "run"]
 # Settings a run records beside its results: together with the results row they identify the run.
-SETTING_KEYS = ["model", "dataset", "scorer", "protocol", "ratio", "rates", "threshold",
-                "target_macs_reduction", "compensate", "seed", "finetune_epochs"]
+SETTING_KEYS = ["model", "dataset", "scorer", "metric", "protocol", "ratio", "rates", "threshold",
+                "target_macs_reduction", "compensate", "bn_recalibration", "seed", "finetune_epochs"]
 # Where a failed run's settings sit in its config (a failed metrics.json may hold only the config).
 CONFIG_PATHS = {"model": "model.name", "dataset": "dataset.name", "scorer": "scorer.name",
+                "metric": "scorer.metric", "bn_recalibration": "prune.bn_recalibration",
                 "ratio": "prune.ratio", "rates": "prune.rates", "threshold": "prune.threshold",
                 "target_macs_reduction": "prune.target_macs_reduction", "compensate": "prune.compensate",
                 "seed": "seed", "finetune_epochs": "finetune.epochs"}
 MD_COLUMNS = {  # results.csv column -> results.md header
-    "model": "model", "scorer": "scorer", "protocol": "protocol", "ratio": "ratio",
-    "compensate": "compensate", "finetune_epochs": "FT epochs", "base_top1": "base top-1",
+    "model": "model", "scorer": "scorer", "metric": "metric", "protocol": "protocol", "ratio": "ratio",
+    "compensate": "compensate", "bn_recalibration": "BN recal.", "finetune_epochs": "FT epochs", "base_top1": "base top-1",
     "top1_before_finetune": "top-1 pruned", "pruned_top1": "top-1 final", "top1_drop": "top-1 drop",
     "pruned_MACs_M": "MACs (M)", "MACs_reduction_%": "MACs ↓%", "pruned_params_M": "params (M)",
     "params_reduction_%": "params ↓%", "speedup_b1": "speedup b1", "time_score_s": "score s",
@@ -169,6 +170,10 @@ def results_markdown(df: pd.DataFrame, plots: Sequence[Path] = ()) -> str:
         table = ok[["run", *columns]].rename(columns=MD_COLUMNS)
         parts.append(markdown_table(table))
         parts.append(time_summary(ok))
+        by_ratio = ratio_table(ok)
+        if len(by_ratio):
+            parts.append("## Top-1 by pruning ratio\n\nFinal top-1 (%) of the uniform-ratio runs.\n")
+            parts.append(markdown_table(by_ratio))
     refs = _references_for_runs(ok)
     if refs:
         parts.append("## Published references\n\nAs stated by each paper (their own baselines and "
@@ -179,6 +184,25 @@ def results_markdown(df: pd.DataFrame, plots: Sequence[Path] = ()) -> str:
         parts.append(markdown_table(failed[["run", "overrides", "error"]]))
     parts += [f"![{p.stem}]({p.name})\n" for p in plots]
     return "\n".join(parts)
+
+
+def ratio_table(ok: pd.DataFrame) -> pd.DataFrame:
+    """One row per model and series (scorer, metric, recovery options), one column per uniform ratio:
+    final top-1, and the MACs reduction (in the header where every row of the column shares it)."""
+    runs = ok[ok["protocol"] == "ratio"] if "protocol" in ok.columns else ok.iloc[:0]
+    if not len(runs):
+        return runs
+    shared = runs.groupby("ratio")["MACs_reduction_%"].nunique() == 1
+    runs = runs.assign(series=runs.apply(_series_label, axis=1), cell=[
+        f"{top1:.2f}" if shared[ratio] else f"{top1:.2f} (-{macs:.1f}% MACs)"
+        for top1, macs, ratio in zip(runs["pruned_top1"], runs["MACs_reduction_%"], runs["ratio"])])
+    table = runs.pivot_table(index=["model", "series", "base_top1"], columns="ratio", values="cell",
+                             aggfunc="first", sort=False)
+    macs = runs.groupby("ratio")["MACs_reduction_%"].first()
+    table = table[sorted(table.columns)]
+    table.columns = [f"ratio {r:g} (-{macs[r]:.1f}% MACs)" if shared[r] else f"ratio {r:g}"
+                     for r in table.columns]
+    return table.reset_index().rename(columns={"series": "scorer", "base_top1": "base top-1"})
 
 
 def time_summary(ok: pd.DataFrame) -> str:
@@ -210,13 +234,22 @@ def _references_for_runs(ok: pd.DataFrame) -> list[Reference]:
 # --------------------------------------------------------------------------------------------- plots
 
 def _series_label(run: pd.Series) -> str:
-    """What distinguishes a line within one model's panel: scorer, compensation, fine-tuning."""
+    """What distinguishes a line within one model's panel: scorer and its similarity metric,
+    compensation, BN re-estimation, fine-tuning."""
     label = str(run["scorer"])
-    if run.get("compensate") not in (None, "none") and not pd.isna(run.get("compensate")):
+    if _given(run.get("metric")) and run["metric"] != "ssim":
+        label += f" ({run['metric']})"
+    if _given(run.get("compensate")) and run["compensate"] != "none":
         label += f" +{run['compensate']}"
+    if _given(run.get("bn_recalibration")) and run["bn_recalibration"] > 0:
+        label += " +BN"
     if (run.get("finetune_epochs") or 0) > 0:
         label += f", FT {int(run['finetune_epochs'])} ep"
     return label
+
+
+def _given(value: Any) -> bool:
+    return value is not None and not (pd.api.types.is_scalar(value) and pd.isna(value))
 
 
 _PROTOCOL_KEYS = {"ratio": "ratio", "rates": "rates", "threshold": "threshold",

@@ -287,11 +287,10 @@ class _Trainer:
         return self.run_dir / STATE_FILE if self.run_dir is not None else None
 
     def run(self, *, resume: bool, interrupted: threading.Event) -> TrainResult:
-        epoch, step, sums = 0, 0, None
+        start_epoch, step, sums = 0, 0, None
         if resume:
-            epoch, step, sums = self._load()
-        start_epoch = epoch
-        for epoch in range(epoch, self.recipe.epochs):
+            start_epoch, step, sums = self._load()
+        for epoch in range(start_epoch, self.recipe.epochs):
             sums = self._train_epoch(epoch, step, sums, interrupted)
             step = 0
             row = self._finish_epoch(epoch, sums)

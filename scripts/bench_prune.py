@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from torch import nn
 
-from qsfm_cli.evaluate import count_macs, count_params
+from qsfm_cli.evaluate import count_macs, count_params, forward_ms
 from qsfm_cli.models import create_model
 from qsfm_cli.plan import PlanSpec, make_keep
 from qsfm_cli.pruning import apply_keep, channel_sets
-from qsfm_cli.types import Order
+from qsfm_cli.references import conv_linear_params, thop_flops
+from qsfm_cli.scoring import get_scorer
 
 CASES = [("resnet56", 0.3), ("resnet56", 0.5), ("resnet56", 0.7), ("mobilenetv2", 0.5)]
 ROWS = [("HRank ResNet-56", "resnet56", "default",
@@ -33,22 +33,13 @@ ROWS = [("HRank ResNet-56", "resnet56", "default",
         ("CHIP ResNet-110", "resnet110", "stage", "[0.]+[0.2]*2+[0.3]*18+[0.35]*36", 140.54, 1.04)]
 
 
-def l1_orders(model: nn.Module, sets) -> dict[str, Order]:
-    orders = {}
-    for s in sets:
-        norms = model.get_submodule(s.name).weight.detach().abs().flatten(1).sum(1)
-        orders[s.name] = Order(removal=norms.argsort().tolist())
-    return orders
-
-
 def pruned_copy(model: nn.Module, x: torch.Tensor, plan: PlanSpec) -> nn.Module:
     sets = channel_sets(model, x, plan.scope)
     plan.validate(sets, model)
-    keep, _ = make_keep(l1_orders(model, sets), sets, plan, model=model, example_input=x)
+    keep, _ = make_keep(get_scorer("l1").score(model, sets, {}), sets, plan, model=model, example_input=x)
     return apply_keep(model, keep, x).eval()
 
 
-@torch.no_grad()
 def paired_latency(models: list[nn.Module], batch: int, device: torch.device, repeats: int,
                    warmup: int = 3) -> list[float]:
     """Median milliseconds per forward pass of each model, timed in alternation."""
@@ -56,14 +47,9 @@ def paired_latency(models: list[nn.Module], batch: int, device: torch.device, re
     times: list[list[float]] = [[] for _ in models]
     for r in range(warmup + repeats):
         for i, model in enumerate(models):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            ms = forward_ms(model, x)
             if r >= warmup:
-                times[i].append((time.perf_counter() - start) * 1e3)
+                times[i].append(ms)
     return [statistics.median(t) for t in times]
 
 
@@ -94,14 +80,7 @@ def rows() -> None:
     for label, name, scope, rates, paper_flops, paper_params in ROWS:
         model = create_model(name).eval()
         pruned = pruned_copy(model, x, PlanSpec(rates=rates, scope=scope))
-        bn = []
-        hooks = [m.register_forward_hook(lambda _m, _i, o: bn.append(o.numel())) for m in pruned.modules()
-                 if isinstance(m, nn.BatchNorm2d)]
-        macs = count_macs(pruned)
-        for h in hooks:
-            h.remove()
-        thop = macs + 2 * sum(bn) + 65 * pruned.stage_widths[-1]   # + global average pool
-        no_bn = sum(p.numel() for n, p in pruned.named_parameters() if "bn" not in n)
+        macs, thop, no_bn = count_macs(pruned), thop_flops(pruned), conv_linear_params(pruned)
         print(f"{label:<19} {macs / 1e6:>11.2f} {count_params(pruned) / 1e6:>8.4f} {no_bn / 1e6:>7.4f} "
               f"{thop / 1e6:>12.2f} {paper_flops:>7.2f}/{paper_params:.2f}")
 

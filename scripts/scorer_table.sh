@@ -6,7 +6,7 @@ set -euo pipefail
 data=${1:?usage: scorer_table.sh DATA_ROOT CHECKPOINT [OUT_DIR]}
 ckpt=${2:?usage: scorer_table.sh DATA_ROOT CHECKPOINT [OUT_DIR]}
 out=${3:-outputs/scorer_table}
-common=(experiment=scorer_table "model.checkpoint=$ckpt" "dataset.root=$data" dataset.verify=false
+common=(experiment=scorer_table "model.checkpoint=$ckpt" "dataset.root=$data"
         progress=false "cache.dir=$out/cache")
 # Every scorer x ratio (the grid lives in conf/experiment/scorer_table.yaml).
 qsfm-run -m "${common[@]}" "hydra.sweep.dir=$out/scorers"
@@ -16,4 +16,7 @@ qsfm-run -m "${common[@]}" "hydra.sweep.dir=$out/simscore_metrics" scorer=simsco
 # What each no-fine-tune recovery option buys, alone and combined.
 qsfm-run -m "${common[@]}" "hydra.sweep.dir=$out/recovery" scorer=qsfm prune.ratio=0.3,0.5,0.7 \
   prune.compensate=none,twin,lstsq prune.bn_recalibration=0,2048
+# The best recovery (lstsq + BN) for every other scorer too, so the criteria are compared on equal terms.
+qsfm-run -m "${common[@]}" "hydra.sweep.dir=$out/recovery_all" scorer=simscore,l1,fpgm,hrank,chip,random \
+  prune.ratio=0.3,0.5,0.7 prune.compensate=lstsq prune.bn_recalibration=2048
 qsfm-report "$out" --out "$out/report"

@@ -10,6 +10,7 @@ from torch import nn
 
 from qsfm_cli.app import build, config_dir
 from qsfm_cli.plan import PlanSpec
+from qsfm_cli.references import reference
 from qsfm_cli.train import TrainRecipe
 
 CONF = config_dir()
@@ -66,6 +67,8 @@ def test_experiment_options_resolve(name):
     cfg = composed(f"experiment={name}")
     container = OmegaConf.to_container(cfg, resolve=True)
     assert container["model"]["name"] and container["dataset"]["name"]
+    if cfg.reference:
+        assert reference(cfg.reference).model == cfg.model.name
 
 
 def test_defaults_run_the_product_command():
@@ -83,3 +86,8 @@ def test_every_group_has_options():
     for group in ("model", "dataset", "scorer", "prune", "finetune", "experiment"):
         assert options(group), group
     assert Path(CONF, "config.yaml").is_file()
+
+
+def test_unknown_reference_key_names_the_published_rows():
+    with pytest.raises(ValueError, match="unknown reference 'chip_r56'; accepted: qsfm_resnet56, "):
+        reference("chip_r56")

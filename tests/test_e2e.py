@@ -98,3 +98,25 @@ def test_cli_bad_value_prints_one_line_and_records_the_failure(tmp_path):
         f"qsfm-run: error: unknown model 'resnet57'; accepted: {accepted} or tv_<torchvision model name>"]
     failed = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert failed["status"] == "failed" and "resnet57" in failed["error"]
+
+
+def test_iterative_compensated_pruning_reaches_the_one_step_plan(tmp_path):
+    one = run_experiment(experiment(tmp_path / "one", "scorer=qsfm", "prune.compensate=lstsq"))
+    two = run_experiment(experiment(tmp_path / "two", "scorer=qsfm", "prune.compensate=lstsq",
+                                    "prune.iterative_steps=2", "prune.bn_recalibration=64"))
+    assert two["kept_channels"] == one["kept_channels"]
+    assert two["final"]["macs"] == one["final"]["macs"]
+    assert set(two["compensation"].values()) == {"compensated"}
+    # The second step re-collected statistics on the partly pruned model.
+    assert two["timings_s"]["collect"] > 0
+
+
+def test_sensitivity_table_is_cached_with_the_scores(tmp_path):
+    overrides = ("prune=sensitivity", "prune.target_macs_reduction=0.3", "prune.sensitivity_grid=[0.25,0.5]",
+                 "prune.sensitivity_images=32")
+    first = run_experiment(experiment(tmp_path, *overrides))
+    second = run_experiment(experiment(tmp_path, *overrides))
+    assert (first["cache"]["sensitivity"], second["cache"]["sensitivity"]) == ("miss", "hit")
+    reached = 1 - first["final"]["macs"] / first["base"]["macs"]
+    assert abs(reached - 0.3) <= 0.005 + 1e-9
+    assert first["kept_channels"] == second["kept_channels"]

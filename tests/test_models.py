@@ -3,6 +3,7 @@ import torch
 
 from qsfm_cli.evaluate import count_macs, count_params
 from qsfm_cli.models import create_model, list_models
+from qsfm_cli.references import conv_linear_params
 
 # Published figures: He et al. 2016 (params of the CIFAR ResNets), HRank/CHIP (VGG-16-BN params);
 # MACs of conv + linear layers at 32x32. Params are published to two decimals (in millions).
@@ -14,12 +15,6 @@ PUBLISHED = {
     "resnet110": (252.89e6, 1.73e6),
     "vgg16_bn": (313.7e6, 14.98e6),
 }
-
-
-def conv_linear_params(model):
-    """Parameters of conv and linear layers only: HRank/CHIP's VGG-16 figure (14.98M) leaves BN out."""
-    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    return sum(p.numel() for m in layers for p in m.parameters())
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

@@ -11,12 +11,13 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.flop_counter import FlopCounterMode
 
+from qsfm_cli.evaluate import count_macs
 from qsfm_cli.models import create_model
 from qsfm_cli.plan import PlanSpec, make_keep
 from qsfm_cli.pruning import (apply_keep, architecture, build_model, channel_sets, classifier_name,
                               prunable_channels)
+from qsfm_cli.references import conv_linear_params, thop_flops
 from qsfm_cli.types import Order
 
 
@@ -236,30 +237,6 @@ def test_cifar_architecture_round_trips(name):
 
 
 # -------------------------------------------------------------------------- published rows (no data)
-def conv_linear_macs(model: nn.Module) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.eval()(torch.zeros(1, 3, 32, 32))
-    return counter.get_total_flops() // 2
-
-
-def thop_flops(model: nn.Module) -> float:
-    """CHIP's count (thop): conv/linear MACs + 2 operations per BatchNorm output element (eval mode) +
-    (kernel size + 1) per output of the global average pool."""
-    bn = []
-    handles = [m.register_forward_hook(lambda _m, _i, o: bn.append(o.numel())) for m in model.modules()
-               if isinstance(m, nn.BatchNorm2d)]
-    macs = conv_linear_macs(model)
-    for h in handles:
-        h.remove()
-    last = model.stage_widths[-1]
-    return macs + 2 * sum(bn) + (8 * 8 + 1) * last
-
-
-def weight_params(model: nn.Module) -> int:
-    """Conv and linear parameters (the papers' tables leave BatchNorm out)."""
-    return sum(p.numel() for n, p in model.named_parameters() if "bn" not in n)
-
-
 def row_model(name: str, rates: str) -> nn.Module:
     model = create_model(name)
     x = torch.zeros(1, 3, 32, 32)
@@ -281,7 +258,7 @@ def test_chip_rows_match_the_paper(name, rates, flops_M, params_M):
     """CHIP's FLOPs are thop's count of its pruned network, which our CHIP layout builds exactly."""
     model = row_model(name, rates)
     assert abs(thop_flops(model) / 1e6 - flops_M) <= 0.005 * flops_M
-    assert round(weight_params(model) / 1e6, 2) == params_M
+    assert round(conv_linear_params(model) / 1e6, 2) == params_M
 
 
 HRANK_ROW = "[0.1]+[0.60]*35+[0.0]*2+[0.6]*6+[0.4]*3+[0.1]+[0.4]+[0.1]+[0.4]+[0.1]+[0.4]+[0.1]+[0.4]"
@@ -299,7 +276,7 @@ def test_hrank_row_counts():
     sizes = {}
     handles = [c.register_forward_hook(lambda m, _i, o: sizes.__setitem__(m, o.shape[-1] * o.shape[-2]))
                for c in convs]
-    conv_linear_macs(model)
+    count_macs(model)
     for h in handles:
         h.remove()
     kept = [c.out_channels - int(r * c.out_channels) for c, r in zip(convs, rates)]
@@ -315,4 +292,4 @@ def test_hrank_row_counts():
     ins = [16] * 10 + [32] * 9 + [64] * 8
     outs, pixels = [16] * 9 + [32] * 9 + [64] * 9, [1024] * 9 + [256] * 9 + [64] * 9
     blocks = sum(9 * m * (i + o) * p for m, i, o, p in zip(mids, ins, outs, pixels))
-    assert conv_linear_macs(pruned) == blocks + 27 * 16 * 1024 + 640
+    assert count_macs(pruned) == blocks + 27 * 16 * 1024 + 640
