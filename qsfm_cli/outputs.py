@@ -25,6 +25,7 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600 files; results are for sharing
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -33,6 +34,12 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: Path, text: str) -> None:
@@ -72,15 +79,16 @@ def results_row(metrics: dict[str, Any]) -> dict[str, Any]:
     base, final = metrics["base"], metrics["final"]
     row = {key: metrics.get(key) for key in ("model", "dataset", "scorer")}
     row["metric"] = metrics.get("scorer_options", {}).get("metric")
-    row.update({key: metrics.get(key) for key in ("protocol", "ratio", "compensate", "bn_recalibration",
-                                                   "iterative_steps", "seed", "finetune_epochs")})
+    row.update({key: metrics.get(key) for key in ("protocol", "ratio", "allocation", "compensate",
+                                                   "bn_recalibration", "iterative_steps", "seed",
+                                                   "finetune_epochs")})
     row.update({
-        "base_top1": base["top1"],
-        "pruned_top1": final["top1"],
-        "top1_drop": round(base["top1"] - final["top1"], 4),
-        "top1_before_finetune": metrics["pruned"]["top1"],
-        "base_top5": base["top5"],
-        "pruned_top5": final["top5"],
+        "base_top1": round(base["top1"], 2),
+        "pruned_top1": round(final["top1"], 2),
+        "top1_drop": round(base["top1"] - final["top1"], 2),
+        "top1_before_finetune": round(metrics["pruned"]["top1"], 2),
+        "base_top5": round(base["top5"], 2),
+        "pruned_top5": round(final["top5"], 2),
         "base_MACs_M": round(base["macs"] / 1e6, 3),
         "pruned_MACs_M": round(final["macs"] / 1e6, 3),
         "MACs_reduction_%": round(100 * (1 - final["macs"] / base["macs"]), 2),

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -26,15 +27,16 @@ SORT_KEYS = ["model", "scorer", "metric", "compensate", "bn_recalibration", "rat
              "target_macs_reduction", "finetune_epochs", "seed", "run"]
 # Settings a run records beside its results: together with the results row they identify the run.
 SETTING_KEYS = ["model", "dataset", "scorer", "metric", "protocol", "ratio", "rates", "threshold",
-                "target_macs_reduction", "compensate", "bn_recalibration", "seed", "finetune_epochs"]
+                "target_macs_reduction", "allocation", "compensate", "bn_recalibration", "seed", "finetune_epochs"]
 # Where a failed run's settings sit in its config (a failed metrics.json may hold only the config).
 CONFIG_PATHS = {"model": "model.name", "dataset": "dataset.name", "scorer": "scorer.name",
                 "metric": "scorer.metric", "bn_recalibration": "prune.bn_recalibration",
+                "allocation": "prune.allocation",
                 "ratio": "prune.ratio", "rates": "prune.rates", "threshold": "prune.threshold",
                 "target_macs_reduction": "prune.target_macs_reduction", "compensate": "prune.compensate",
                 "seed": "seed", "finetune_epochs": "finetune.epochs"}
 MD_COLUMNS = {  # results.csv column -> results.md header
-    "model": "model", "scorer": "scorer", "metric": "metric", "protocol": "protocol", "ratio": "ratio",
+    "model": "model", "scorer": "scorer", "metric": "metric", "protocol": "protocol", "allocation": "allocation", "ratio": "ratio",
     "compensate": "compensate", "bn_recalibration": "BN recal.", "finetune_epochs": "FT epochs", "base_top1": "base top-1",
     "top1_before_finetune": "top-1 pruned", "pruned_top1": "top-1 final", "top1_drop": "top-1 drop",
     "pruned_MACs_M": "MACs (M)", "MACs_reduction_%": "MACs ↓%", "pruned_params_M": "params (M)",
@@ -253,7 +255,7 @@ def _given(value: Any) -> bool:
 
 
 _PROTOCOL_KEYS = {"ratio": "ratio", "rates": "rates", "threshold": "threshold",
-                  "target": "target_macs_reduction", "sensitivity": "target_macs_reduction"}
+                  "target_macs_reduction": "target_macs_reduction"}
 
 
 def _setting_text(run: Any) -> str:
@@ -278,15 +280,19 @@ def plot_pareto(df: pd.DataFrame) -> Figure:
     fig = Figure(figsize=(7.0 * len(panels), 6.5), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, ((model, dataset), runs) in zip(axes, panels):
-        colors = {}
+        # One colour per criterion, one line style per recovery/fine-tuning variant of it.
+        criteria = sorted({series.split(" +")[0].split(",")[0] for series in runs["series"]})
+        colors = {c: f"C{i % 10}" for i, c in enumerate(criteria)}
+        variants = sorted({series[len(series.split(" +")[0].split(",")[0]):] for series in runs["series"]})
+        styles = dict(zip(variants, _LINE_STYLES * (len(variants) // len(_LINE_STYLES) + 1)))
         for series, points in runs.groupby("series", sort=True):
+            criterion = series.split(" +")[0].split(",")[0]
             setting = points.groupby(["ratio", "threshold", "target_macs_reduction", "rates"],
                                      dropna=False)[["MACs_reduction_%", "top1_change"]]
             mean, std = setting.mean().sort_values("MACs_reduction_%"), setting.std()
-            bars = ax.errorbar(mean["MACs_reduction_%"], mean["top1_change"],
-                               yerr=std.loc[mean.index, "top1_change"].fillna(0.0),
-                               marker="o", ms=4, capsize=2, label=series)
-            colors[series] = bars.lines[0].get_color()
+            ax.errorbar(mean["MACs_reduction_%"], mean["top1_change"],
+                        yerr=std.loc[mean.index, "top1_change"].fillna(0.0), marker="o", ms=4, capsize=2,
+                        label=series, color=colors[criterion], ls=styles[series[len(criterion):]])
         _plot_references(ax, references_for(str(model), str(dataset)), colors)
         ax.axhline(0.0, color="grey", lw=0.8, ls=":")
         ax.set(title=f"{model} on {dataset}", xlabel="MACs reduction (%)",
@@ -297,6 +303,7 @@ def plot_pareto(df: pd.DataFrame) -> Figure:
 
 
 _REF_MARKERS = {"qsfm": "*", "hrank": "s", "chip": "D"}
+_LINE_STYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
 
 
 def _plot_references(ax: Any, refs: Sequence[Reference], colors: dict[str, str]) -> None:
@@ -323,8 +330,9 @@ def plot_kept_channels(run_dir: Path) -> Figure:
     ax = fig.subplots()
     ax.bar(names, totals, color="lightgrey", label="total")
     ax.bar(names, [kept[n]["kept"] for n in names], color="tab:blue", label="kept")
-    ax.set(ylabel="channels", title=f"kept channels: {metrics.get('model')} / {metrics.get('scorer')}"
-                                    f" / {_setting_text(metrics)} ({run_dir.name})")
+    ax.set_ylabel("channels")
+    ax.set_title(f"kept channels: {metrics.get('model')} / {metrics.get('scorer')} / {_setting_text(metrics)}\n"
+                 + "\n".join(textwrap.wrap(run_dir.name, 90)), fontsize=9)
     ax.tick_params(axis="x", labelrotation=90, labelsize=6)
     ax.legend(fontsize=8)
     return fig

@@ -120,3 +120,12 @@ def test_sensitivity_table_is_cached_with_the_scores(tmp_path):
     reached = 1 - first["final"]["macs"] / first["base"]["macs"]
     assert abs(reached - 0.3) <= 0.005 + 1e-9
     assert first["kept_channels"] == second["kept_channels"]
+
+
+def test_atomic_writes_leave_readable_files_and_no_temp_files(tmp_path):
+    from qsfm_cli.outputs import write_json
+
+    write_json(tmp_path / "m.json", {"a": float("nan")})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": None}
+    assert (tmp_path / "m.json").stat().st_mode & 0o044 == 0o044
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]

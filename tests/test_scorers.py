@@ -231,7 +231,8 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "scorer"
 
 @pytest.mark.parametrize("name", list_scorers())
 def test_every_scorer_has_a_config_listing_all_its_options(name):
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    # Inside the run's config, where `seed: ${seed}` (random) finds the run seed.
+    cfg = OmegaConf.create({"seed": 0, "scorer": OmegaConf.load(CONF / f"{name}.yaml")}).scorer
     scorer = instantiate(cfg)
     assert scorer.name == name
     assert scorer.options() == get_scorer(name).options()
