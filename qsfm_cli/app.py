@@ -11,8 +11,8 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -84,6 +84,7 @@ def build_experiment(cfg: DictConfig, run_dir: Path):
 
 
 def recipe(node: DictConfig):
+    """A ``TrainRecipe`` from a ``finetune/`` node; an unknown key is one clear error."""
     from .train import TrainRecipe
 
     return TrainRecipe.from_dict(OmegaConf.to_container(node, resolve=True))
@@ -103,31 +104,48 @@ def run(cfg: DictConfig) -> dict:
 
         metrics = run_experiment(build_experiment(cfg, run_dir))
     except BaseException as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         outputs.write_json(run_dir / outputs.METRICS_FILE, {
-            "status": "failed", "error": f"{type(err).__name__}: {message}",
-            "config": OmegaConf.to_container(cfg, resolve=False)})
+            "status": "failed", "error": f"{type(err).__name__}: {first_line(err)}", "config": container(cfg)})
         raise
     print_summary(metrics)
     return metrics
 
 
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def container(cfg: DictConfig) -> dict:
+    """The config as plain data, resolved where it resolves (a bad interpolation may be the failure)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
+    """One job. In a multirun a failure is logged and recorded, and the sweep goes on; a single run ends
+    with one line on stderr: exit code 2 for a bad value, 1 for any other error (traceback in the log)."""
+    single = HydraConfig.get().mode != RunMode.MULTIRUN
     try:
         run(cfg)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError) as err:
         log.error("%s", err)
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
-            print(f"qsfm-run: error: {err}", file=sys.stderr)
+        if single:
+            print(f"qsfm-run: error: {first_line(err)}", file=sys.stderr)
             sys.exit(2)
     except KeyboardInterrupt as err:
         print(f"qsfm-run: interrupted: {err}", file=sys.stderr)
         sys.exit(130)
-    except Exception:
+    except Exception as err:
         log.exception("job failed")
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
-            raise
+        if single:
+            log_file = Path(HydraConfig.get().runtime.output_dir) / f"{HydraConfig.get().job.name}.log"
+            print(f"qsfm-run: error: {type(err).__name__}: {first_line(err)} (traceback in {log_file})",
+                  file=sys.stderr)
+            sys.exit(1)
 
 
 def main() -> None:

@@ -52,13 +52,14 @@ def trained_baseline(model_name: str, num_classes: int, train_set: ImageSet, tes
         run_dir = cache.root / KIND / f"{key}.run"
         result = train(model, train_set, test_set, recipe, device=device, seed=seed, run_dir=run_dir,
                        resume=True, progress=progress)
-        (run_dir / STATE_FILE).unlink(missing_ok=True)   # the weights live in the cache entry now
         return {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                 "meta": {"model": model_name, "model_kwargs": kwargs, "num_classes": num_classes,
                          "dataset": train_set.name, "recipe": recipe.protocol(), "seed": seed,
                          "test_top1": result.test_top1}}
 
     entry, hit = cache.get_or_compute(KIND, key, fit)
+    # The weights live in the cache entry now; the training checkpoint goes only after that is stored.
+    (cache.root / KIND / f"{key}.run" / STATE_FILE).unlink(missing_ok=True)
     if hit:
         model.load_state_dict(entry["state_dict"])
         top1 = entry["meta"].get("test_top1")

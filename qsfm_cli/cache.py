@@ -65,6 +65,14 @@ class Cache:
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / f"{key}.pt"
 
+    def contains(self, kind: str, key: str) -> bool:
+        return self.enabled and self.path(kind, key).is_file()
+
+    def put(self, kind: str, key: str, value: Any) -> None:
+        """Store ``value`` (computed alongside another entry) unless caching is off."""
+        if self.enabled:
+            atomic_write(self.path(kind, key), lambda f: torch.save(value, f))
+
     def get_or_compute(self, kind: str, key: str, compute: Callable[[], T]) -> tuple[T, bool]:
         """Return ``(value, hit)``; ``compute`` runs at most once per key across concurrent jobs."""
         if not self.enabled:

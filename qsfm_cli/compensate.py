@@ -11,7 +11,8 @@ and ``LayerStats.gram``: covariance = gram - mean mean^T.
 - ``twin``: F_j ~ a F_i + b with i the twin the scorer paired j with (QSFM), folded in removal order so
   that a twin removed later carries what it received; a channel without a usable twin (a dead channel)
   is folded as its mean.
-- ``lstsq``: all removed maps of a set regressed on all kept maps at once (ridge-regularized).
+- ``lstsq``: all removed maps of a set regressed on all kept maps at once (ridge-regularized; with
+  ridge 0 the minimum-norm least-squares fit, so that constant or collinear kept maps do no harm).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def compensate(model: nn.Module, channel_sets: list[ChannelSet], stats: dict[str
     if mode not in MODES:
         raise ValueError(f"unknown prune.compensate {mode!r}; accepted: none, {', '.join(MODES)}")
     if ridge < 0:
-        raise ValueError(f"prune.ridge must be >= 0, got {ridge}")
+        raise ValueError(f"prune.ridge must be >= 0 (0: plain least squares), got {ridge}")
     status = {}
     for s in channel_sets:
         kept = sorted(keep.get(s.name, range(s.size)))
@@ -50,7 +51,7 @@ def compensate(model: nn.Module, channel_sets: list[ChannelSet], stats: dict[str
         st = stats[s.name]
         mean = st.mean.double().cpu()
         cov = st.gram.double().cpu() - torch.outer(mean, mean)
-        for consumer, norm in zip(s.consumers, s.consumer_norms or ("",) * len(s.consumers)):
+        for consumer, norm in _consumers_and_norms(s):
             layer = model.get_submodule(consumer)
             weight = layer.weight.detach().double().cpu().clone()
             if mode == "twin":
@@ -62,6 +63,11 @@ def compensate(model: nn.Module, channel_sets: list[ChannelSet], stats: dict[str
     return status
 
 
+def _consumers_and_norms(s: ChannelSet) -> list[tuple[str, str]]:
+    """(consumer, the BatchNorm reading its output or "") pairs of a set."""
+    return list(zip(s.consumers, s.consumer_norms or ("",) * len(s.consumers)))
+
+
 def _skip_reason(model: nn.Module, s: ChannelSet, st: LayerStats | None, mode: str, order) -> str:
     if not s.consumers:
         return ("its map is not read by plain conv/linear layers only (residual stream, concatenation or "
@@ -70,7 +76,7 @@ def _skip_reason(model: nn.Module, s: ChannelSet, st: LayerStats | None, mode: s
         return "no channel moments (mean, gram) were collected for it"
     if mode == "twin" and (order is None or order.twins is None):
         return "the scorer pairs no twins (only qsfm does); prune.compensate=lstsq works with any scorer"
-    for consumer, norm in zip(s.consumers, s.consumer_norms or ("",) * len(s.consumers)):
+    for consumer, norm in _consumers_and_norms(s):
         if model.get_submodule(consumer).bias is None and not norm:
             return f"consumer {consumer} has neither a bias nor a BatchNorm after it to take the constant"
     return ""
@@ -99,9 +105,15 @@ def _fold_lstsq(weight: torch.Tensor, kept: list[int], removed: list[int], mean:
     """Regress removed maps on kept ones, F_D ~ A F_K + b, and fold A into the kept columns."""
     k, d = torch.as_tensor(kept), torch.as_tensor(removed)
     cov_kk = cov[k][:, k]
-    # The ridge is relative to the kept maps' mean variance, so it means the same at any activation scale.
-    lam = ridge * float(cov_kk.diagonal().mean().clamp_min(1e-30))
-    a = torch.linalg.solve(cov_kk + lam * torch.eye(len(kept), dtype=cov.dtype), cov[k][:, d]).T  # [D, K]
+    if ridge > 0:
+        # The ridge is relative to the kept maps' mean variance, so it means the same at any activation scale.
+        lam = ridge * float(cov_kk.diagonal().mean().clamp_min(1e-30))
+        a = torch.linalg.solve(cov_kk + lam * torch.eye(len(kept), dtype=cov.dtype), cov[k][:, d]).T  # [D, K]
+    else:
+        # Minimum-norm least squares: cov_kk is singular as soon as a kept map is constant (dead) or a
+        # combination of others. Directions with a variance under 1e-10 of the largest are cut: below that,
+        # cov = gram - mean mean^T is rounding error, and fitting it would give huge, meaningless weights.
+        a = (torch.linalg.pinv(cov_kk, rtol=1e-10, hermitian=True) @ cov[k][:, d]).T
     b = mean[d] - a @ mean[k]
     w_d = weight[:, d]
     weight[:, k] += torch.einsum("od...,dk->ok...", w_d, a)
@@ -135,8 +147,9 @@ def recalibrate_bn(model: nn.Module, images: ImageSet, n: int, batch_size: int =
         bn.momentum = None
         bn.train()
     try:
-        # A last batch of one image would break BatchNorm1d on a pooled vector: drop it when there are more.
-        for x, _ in DeviceLoader(sample, batch_size, device=device, drop_last=len(sample) > batch_size):
+        # A last batch of one image would break BatchNorm1d on a pooled vector: drop only such a batch.
+        lone_last = len(sample) > batch_size and len(sample) % batch_size == 1
+        for x, _ in DeviceLoader(sample, batch_size, device=device, drop_last=lone_last):
             model(x)
     finally:
         for bn, momentum in zip(norms, momenta):

@@ -104,7 +104,7 @@ def _cifar(name: str, root: str | None, *, download: bool, verify: bool | str) -
     for train in (True, False):
         try:
             ds = cls(root, train=train, download=download and cls is base)
-        except RuntimeError as err:
+        except (RuntimeError, OSError) as err:   # missing files; a download without a network
             raise FileNotFoundError(
                 f"{name} not found under dataset.root={root!r} ({err}); point dataset.root at a folder "
                 f"holding {base.base_folder}/ (dataset.verify=true refuses a copy whose checksums differ)"

@@ -19,13 +19,22 @@ RESULTS_FILE = "results.csv"
 PRUNED_FILE = "pruned_model.pt"
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write through ``write(fileobj)`` into a temp file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600 files; results are for sharing
+        os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600 files; results are for sharing
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -34,12 +43,6 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_text(path: Path, text: str) -> None:

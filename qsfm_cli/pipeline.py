@@ -7,9 +7,9 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -22,13 +22,17 @@ from .data import ImageSet
 from .evaluate import Metrics, accuracy, evaluate
 from .models import create_model
 from .baseline import trained_baseline
-from .plan import PlanSpec, format_sensitivity, heldout_loss, make_keep
+from .plan import (MacsMeter, PlanSpec, format_sensitivity, heldout_loss, keep_from_counts, make_keep,
+                   measure_sensitivity)
 from .pruning import apply_keep, channel_sets
 from .scoring import Scorer, StatRequest
 from .train import TrainRecipe, train
 from .types import ChannelSet, Keep, LayerStats, Order, Orders
 
 log = logging.getLogger(__name__)
+
+
+COMPENSATIONS = ("none", "twin", "lstsq")
 
 
 @dataclass
@@ -69,6 +73,22 @@ class Experiment:
     progress: bool = True
     record: dict[str, Any] = field(default_factory=dict)   # extra fields copied into metrics.json
 
+    def __post_init__(self) -> None:
+        """Checks of the pipeline's own settings, before any work (the plan checks its own)."""
+        checks = [
+            (self.compensate in COMPENSATIONS, f"prune.compensate={self.compensate!r}; accepted: "
+                                               f"{', '.join(COMPENSATIONS)}"),
+            (self.ridge >= 0, f"prune.ridge={self.ridge}; must be >= 0"),
+            (self.bn_recalibration == 0 or self.bn_recalibration >= 2,
+             f"prune.bn_recalibration={self.bn_recalibration}; accepted: 0 (off) or at least 2 images"),
+            (self.iterative_steps >= 1, f"prune.iterative_steps={self.iterative_steps}; must be >= 1"),
+            (self.num_images >= 1, f"collect.num_images={self.num_images}; must be >= 1"),
+            (self.collect_batch_size >= 1, f"collect.batch_size={self.collect_batch_size}; must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available; anything else must name a usable torch device."""
@@ -78,8 +98,9 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"unknown device {name!r}; accepted: auto, cpu, cuda, cuda:N, mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; accepted here: auto, cpu")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, True):
+        raise ValueError(f"device {name!r} requested but {device.type} is not available; accepted here: auto, cpu")
     return device
 
 
@@ -103,37 +124,69 @@ def collect_and_score(model: nn.Module, sets: list[ChannelSet], exp: Experiment,
                       ) -> tuple[Orders, dict[str, LayerStats], str]:
     """Collect stage + score stage, each cached by content (model weights, images, options); returns
     the orders, the statistics and the orders' cache key."""
-    requests = set(exp.scorer.requests())
-    if exp.compensate != "none":
-        requests.add(StatRequest.moments())
     images = exp.train_set.sample(exp.num_images, exp.seed)
-    weights_key = model_fingerprint(model)
-    stats_key = fingerprint("stats", weights_key, images.images, sorted(map(repr, requests)),
-                            [asdict(s) for s in sets])
-
-    def collect() -> dict[str, dict]:
-        return {name: asdict(s) for name, s in collect_stats(
-            model, sets, images, requests, batch_size=exp.collect_batch_size, device=exp.device,
-            progress=exp.progress).items()}
-
+    content_key = fingerprint(model_fingerprint(model), images.images, images.mean, images.std,
+                              [asdict(s) for s in sets])
+    scorer_requests = set(exp.scorer.requests())
+    groups = [scorer_requests, {StatRequest.moments()} if exp.compensate != "none" else set()]
     start = time.perf_counter()
-    if requests:
-        raw, hit = cache.get_or_compute("stats", stats_key, collect)
-        cache_log["stats"] = "hit" if hit else "miss"
-    else:
-        raw, cache_log["stats"] = {}, "none"
-    stats = {name: LayerStats(**d) for name, d in raw.items()}
-    timings["collect"] = time.perf_counter() - start
+    stats = cached_stats(model, sets, images, [g for g in groups if g], content_key, exp, cache, cache_log)
+    timings["collect"] = timings.get("collect", 0.0) + time.perf_counter() - start
 
     def score() -> dict[str, dict]:
         return {name: asdict(o) for name, o in exp.scorer.score(model, sets, stats).items()}
 
     start = time.perf_counter()
-    orders_key = fingerprint("orders", stats_key, exp.scorer.name, exp.scorer.options())
+    orders_key = fingerprint("orders", content_key, sorted(map(repr, scorer_requests)), exp.scorer.name,
+                             exp.scorer.options())
     raw_orders, hit = cache.get_or_compute("orders", orders_key, score)
     cache_log["orders"] = "hit" if hit else "miss"
-    timings["score"] = time.perf_counter() - start
+    timings["score"] = timings.get("score", 0.0) + time.perf_counter() - start
     return {name: Order(**d) for name, d in raw_orders.items()}, stats, orders_key
+
+
+def cached_stats(model: nn.Module, sets: list[ChannelSet], images: ImageSet, groups: list[set[StatRequest]],
+                 content_key: str, exp: Experiment, cache: Cache, cache_log: dict[str, str]
+                 ) -> dict[str, LayerStats]:
+    """Statistics for every request group, one cache entry per group (the scorer's requests; the
+    compensation's moments), so that runs differing only in compensation share the scorer's entry.
+    Whatever groups are missing are collected together in one pass over the images."""
+    keys = {fingerprint("stats", content_key, sorted(map(repr, group))): group for group in groups}
+    found: dict[str, dict] = {}
+
+    def collect_missing(key: str) -> dict[str, dict]:
+        missing = [k for k in keys if k == key or (k not in found and not cache.contains("stats", k))]
+        requests = set().union(*(keys[k] for k in missing))
+        raw = {name: asdict(st) for name, st in collect_stats(
+            model, sets, images, requests, batch_size=exp.collect_batch_size, device=exp.device,
+            progress=exp.progress).items()}
+        for k in missing:
+            if k != key:
+                cache.put("stats", k, raw)
+                found[k] = raw
+        return raw
+
+    hits = []
+    for key in keys:
+        if key not in found:
+            found[key], hit = cache.get_or_compute("stats", key, lambda key=key: collect_missing(key))
+            hits.append(hit)
+    cache_log["stats"] = "none" if not keys else "hit" if all(hits) else "miss"
+    return merge_stats(found.values())
+
+
+def merge_stats(raws: Iterable[dict[str, dict]]) -> dict[str, LayerStats]:
+    """One ``LayerStats`` per set from several collections of it (fields filled in any of them)."""
+    merged: dict[str, dict] = {}
+    for raw in raws:
+        for name, fields in raw.items():
+            into = merged.setdefault(name, dict(fields))
+            for field, value in fields.items():
+                if isinstance(value, dict):
+                    into[field] = {**into[field], **value}
+                elif into[field] is None:
+                    into[field] = value
+    return {name: LayerStats(**fields) for name, fields in merged.items()}
 
 
 def pruner(model: nn.Module, sets: list[ChannelSet], stats: dict[str, LayerStats], orders: Orders,
@@ -155,51 +208,44 @@ def pruner(model: nn.Module, sets: list[ChannelSet], stats: dict[str, LayerStats
 def plan_stage(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats: dict[str, LayerStats],
                orders_key: str, exp: Experiment, cache: Cache, example: torch.Tensor,
                cache_log: dict[str, str]) -> tuple[Keep, dict[str, Any]]:
-    """Plan stage; a sensitivity table is measured once per scores, compensation and slice, then cached."""
+    """Plan stage. A sensitivity table is measured with the run's compensation in force, once per scores,
+    compensation and held-out slice, then cached; MACs searches need no compensation."""
     plan = exp.plan
+    if plan.allocation != "sensitivity":
+        return make_keep(orders, sets, plan, model=model, example_input=example)
     prune_fn = pruner(model, sets, stats, orders, exp, example)
-    loss_of = sensitivity = None
-    if plan.allocation == "sensitivity":
-        loss_of = heldout_loss(exp.train_set, plan.sensitivity_images, skip=exp.num_images, seed=exp.seed,
-                               device=exp.device)
-        key = fingerprint("sensitivity", orders_key, plan.sensitivity_grid, plan.sensitivity_images,
-                          plan.min_channels, exp.compensate, exp.ridge)
-        sensitivity, hit = cache.get_or_compute("sensitivity", key, lambda: make_keep(
-            orders, sets, plan, model=model, example_input=example, loss_of=loss_of,
-            prune_fn=prune_fn)[1]["sensitivity"])
-        cache_log["sensitivity"] = "hit" if hit else "miss"
-        log.info("sensitivity (loss increase per ratio):\n%s", format_sensitivity(sensitivity))
+    loss_of = heldout_loss(exp.train_set, plan.sensitivity_images, skip=exp.num_images, seed=exp.seed,
+                           device=exp.device)
+    key = fingerprint("sensitivity", orders_key, plan.sensitivity_grid, plan.sensitivity_images,
+                      plan.min_channels, exp.compensate, exp.ridge)
+    sensitivity, hit = cache.get_or_compute("sensitivity", key, lambda: measure_sensitivity(
+        sets, orders, plan.sensitivity_grid, prune_fn, loss_of, MacsMeter(model, example), plan.min_channels))
+    cache_log["sensitivity"] = "hit" if hit else "miss"
+    log.info("sensitivity (loss increase per ratio):\n%s", format_sensitivity(sensitivity))
     return make_keep(orders, sets, plan, model=model, example_input=example, loss_of=loss_of,
                      prune_fn=prune_fn, sensitivity=sensitivity)
 
 
-def keep_after_removing(order: Order, size: int, n_remove: int) -> list[int]:
-    """Indices kept when the first ``n_remove`` channels of ``order`` are removed from ``size``."""
-    removed = set(order.removal[:n_remove])
-    return [c for c in range(size) if c not in removed]
-
-
 def prune_stage(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats: dict[str, LayerStats],
-                keep: Keep, exp: Experiment, cache: Cache, timings: dict[str, float],
-                cache_log: dict[str, str]) -> tuple[nn.Module, dict[str, str]]:
+                removed: dict[str, int], exp: Experiment, cache: Cache, example: torch.Tensor,
+                timings: dict[str, float], cache_log: dict[str, str]) -> tuple[nn.Module, dict[str, str]]:
     """Prune stage: compensation, physical removal in ``exp.iterative_steps`` steps, BN re-estimation.
 
-    Each later step re-collects statistics and re-scores the partly pruned model; the per-layer removal
-    counts of the plan are reached in equal steps, and removed channels never come back.
+    ``removed`` holds the plan's per-set removal counts. Each later step re-collects statistics and
+    re-scores the partly pruned model (its cache status is logged as ``stats@2``, ...); the counts are
+    reached in equal steps, and removed channels never come back.
     """
-    example = exp.test_set.images[:1].float().to(exp.device)
-    totals = {s.name: s.size - len(keep.get(s.name, range(s.size))) for s in sets}
     sizes = {s.name: s.size for s in sets}
     comp_log: dict[str, str] = {}
     current = model
     for step in range(1, exp.iterative_steps + 1):
         if step > 1:
             sets = channel_sets(current, example, scope=exp.plan.scope)
-            orders, stats, _ = collect_and_score(current, sets, exp, cache, timings, cache_log)
-        step_keep = {}
-        for s in sets:
-            target = sizes[s.name] - round(totals[s.name] * step / exp.iterative_steps)
-            step_keep[s.name] = keep_after_removing(orders[s.name], s.size, s.size - target)
+            step_log: dict[str, str] = {}
+            orders, stats, _ = collect_and_score(current, sets, exp, cache, timings, step_log)
+            cache_log.update({f"{kind}@{step}": status for kind, status in step_log.items()})
+        target = {name: sizes[name] - round(removed.get(name, 0) * step / exp.iterative_steps) for name in sizes}
+        step_keep = keep_from_counts(orders, sets, {s.name: s.size - target[s.name] for s in sets})
         current = pruner(current, sets, stats, orders, exp, example, comp_log)(step_keep)
     for name, status in comp_log.items():
         if status != "compensated":
@@ -237,13 +283,15 @@ def run_experiment(exp: Experiment) -> dict[str, Any]:
     model = load_baseline(exp, cache).to(exp.device).eval()
     example = exp.test_set.images[:1].float().to(exp.device)
     sets = channel_sets(model, example, scope=exp.plan.scope)
-    exp.plan.validate(sets, model)
+    exp.plan.validate(sets, model, scorer=exp.scorer)
 
     orders, stats, orders_key = collect_and_score(model, sets, exp, cache, timings, cache_log)
-    start = time.perf_counter()
-    keep, plan_info = plan_stage(model, sets, orders, stats, orders_key, exp, cache, example, cache_log)
-    pruned, comp_log = prune_stage(model, sets, orders, stats, keep, exp, cache, timings, cache_log)
-    timings["prune"] = time.perf_counter() - start
+    start, scoring = time.perf_counter(), timings["collect"] + timings["score"]
+    _, plan_info = plan_stage(model, sets, orders, stats, orders_key, exp, cache, example, cache_log)
+    pruned, comp_log = prune_stage(model, sets, orders, stats, plan_info["removed"], exp, cache, example,
+                                   timings, cache_log)
+    # Iterative steps collect and score again inside the prune stage: that time is counted there.
+    timings["prune"] = time.perf_counter() - start - (timings["collect"] + timings["score"] - scoring)
 
     start = time.perf_counter()
     base = evaluate_stage(model, exp, cache)
@@ -255,7 +303,9 @@ def run_experiment(exp: Experiment) -> dict[str, Any]:
     if exp.finetune.epochs > 0:
         train(pruned, exp.train_set, exp.test_set, exp.finetune, device=exp.device, seed=exp.seed,
               run_dir=run_dir, resume=exp.resume, progress=exp.progress)
-        final = evaluate_stage(pruned, exp, cache)
+        # Fine-tuning changes weights, not shapes: MACs, params and latency stay those of the pruned model.
+        top1, top5 = accuracy(pruned, exp.test_set, device=exp.device, batch_size=exp.eval.batch_size)
+        final = replace(after_prune, top1=top1, top5=top5)
     timings["finetune"] = time.perf_counter() - start
 
     pruned_sets = {s.name: s.size for s in channel_sets(pruned, example, scope=exp.plan.scope)}

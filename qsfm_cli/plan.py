@@ -5,7 +5,8 @@ is set, else ``ratio`` applies):
 
 - ``ratio=r``: every set of the scope loses floor(r * C) of its C channels.
 - ``rates="[0.]+[0.15]*2+[0.4]*27"``: the per-layer rate lists of HRank/CHIP, parsed by a small grammar
-  (lists, ``+``, ``*``), mapped by a layout (``pruning.rate_layouts``, or one entry per set); a set keeps
+  (lists, ``+``, ``*``), mapped by a layout (``pruning.rate_layouts``, or one entry per set) chosen by the
+  list's length, or by ``rate_layout`` where several layouts have that length; a set keeps
   int(C * (1 - rate)) channels, as the papers' code builds its pruned networks.
 - ``threshold=tau``: each set removes its leading channels whose ``Order.values`` are >= tau.
 - ``target_macs_reduction=f``: search the uniform ratio (``allocation=uniform``) or the global threshold
@@ -31,15 +32,20 @@ from torch import nn
 from .data import ImageSet
 from .loaders import DeviceLoader
 from .pruning import SCOPES, RateLayout, apply_keep, rate_layouts
+from .scoring import Scorer, threshold_scorers
 from .types import ChannelSet, Keep, Orders
 
 ALLOCATIONS = ("uniform", "threshold", "sensitivity")
 DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 TOLERANCE = 0.005          # how close a searched MACs reduction must come to its target (0.5 pp)
-THRESHOLD_SCORERS = ("qsfm", "simscore")
 # Keys of the prune/ config group that the pipeline, not the planner, uses.
 PIPELINE_KEYS = ("compensate", "ridge", "bn_recalibration", "iterative_steps")
 _EPS = 1e-9                # floor(r * C) is taken on r * C + _EPS so that 0.57 * 100 removes 57, not 56
+
+
+def removed_count(ratio: float, size: int) -> int:
+    """Channels a ratio removes from a set of ``size``: floor(ratio * size), robust to 0.57 * 100 = 56.99..."""
+    return math.floor(ratio * size + _EPS)
 
 
 # ------------------------------------------------------------------------------------------ rate strings
@@ -125,6 +131,7 @@ class PlanSpec:
 
     ratio: float = 0.5
     rates: str | tuple[float, ...] | None = None
+    rate_layout: str | None = None
     threshold: float | None = None
     target_macs_reduction: float | None = None
     allocation: str = "uniform"
@@ -140,12 +147,11 @@ class PlanSpec:
         if len(chosen) > 1:
             raise ValueError(f"prune.{chosen[0]} and prune.{chosen[1]} are both set; set at most one of "
                              "prune.rates, prune.threshold, prune.target_macs_reduction")
-        if self.rates is not None:
+        if self.rates is not None:  # parsed here; the range is checked with the layout (``_rate_counts``)
             rates = parse_rates(self.rates)
             object.__setattr__(self, "rates", self.rates if isinstance(self.rates, str) else tuple(rates))
-            bad = [(k, r) for k, r in enumerate(rates) if not 0 <= r < 1]
-            if bad:
-                raise ValueError(f"prune.rates entry {bad[0][0]} is {bad[0][1]}; every rate must be in [0, 1)")
+        if self.rate_layout is not None and self.rates is None:
+            raise ValueError(f"prune.rate_layout={self.rate_layout} needs prune.rates")
         if self.target_macs_reduction is not None and not 0 < self.target_macs_reduction < 1:
             raise ValueError(f"prune.target_macs_reduction must be in (0, 1), got {self.target_macs_reduction}")
         if self.allocation not in ALLOCATIONS:
@@ -183,21 +189,32 @@ class PlanSpec:
                 return key
         return "ratio"
 
+    @property
+    def uses_threshold(self) -> bool:
+        """Whether the plan compares the scorer's ``Order.values`` with a threshold."""
+        return self.protocol == "threshold" or self.allocation == "threshold"
+
     def describe(self) -> dict[str, Any]:
-        """The fields a results row shows."""
+        """The fields a results row shows (scalars and strings only, so that reports can group on them)."""
+        rates = self.rates if isinstance(self.rates, (str, type(None))) else str(list(self.rates))
         return {"protocol": self.protocol, "ratio": self.ratio if self.protocol == "ratio" else None,
-                "rates": self.rates if isinstance(self.rates, (str, type(None))) else list(self.rates),
+                "rates": rates, "rate_layout": self.rate_layout,
                 "threshold": self.threshold, "target_macs_reduction": self.target_macs_reduction,
                 "allocation": self.allocation, "scope": self.scope, "min_channels": self.min_channels}
 
-    def validate(self, sets: list[ChannelSet], model: nn.Module | None = None) -> None:
-        """Checks that need the channel sets, done before any statistics are collected. The rate list's
-        layout is checked only with ``model``, which the papers' layouts depend on (``make_keep``, which
-        gets the model, checks it in any case)."""
+    def validate(self, sets: list[ChannelSet], model: nn.Module | None = None,
+                 scorer: Scorer | None = None) -> None:
+        """Checks that need the channel sets or the scorer, done before any statistics are collected.
+        The rate list (layout, range) is checked only with ``model``, which the papers' layouts depend on
+        (``make_keep``, which gets the model, checks it in any case)."""
         if not sets:
             raise ValueError(f"prune.scope={self.scope} has no prunable channel set in this model")
+        if self.uses_threshold and scorer is not None and not getattr(scorer, "threshold_rule", False):
+            setting = "prune.threshold" if self.protocol == "threshold" else "prune.allocation=threshold"
+            raise ValueError(f"{setting} needs a scorer with a threshold rule; scorer {scorer.name!r} has none; "
+                             f"scorers with one: {', '.join(threshold_scorers())}")
         if self.rates is not None and model is not None:
-            _rate_counts(parse_rates(self.rates), sets, _layouts(sets, model), self.scope, self.min_channels)
+            _rate_counts(parse_rates(self.rates), sets, _layouts(sets, model), self)
 
 
 # ----------------------------------------------------------------------------------------------- plan
@@ -220,8 +237,7 @@ def make_keep(orders: Orders, sets: list[ChannelSet], plan: PlanSpec, *, model: 
     if plan.protocol == "ratio":
         counts = _ratio_counts(plan.ratio, sets, plan.min_channels)
     elif plan.protocol == "rates":
-        counts, layout, notes = _rate_counts(parse_rates(plan.rates), sets, _layouts(sets, model), plan.scope,
-                                             plan.min_channels)
+        counts, layout, notes = _rate_counts(parse_rates(plan.rates), sets, _layouts(sets, model), plan)
         info.update(layout=layout, notes=notes)
     elif plan.protocol == "threshold":
         counts = _threshold_counts(plan.threshold, orders, sets, plan.min_channels)
@@ -243,10 +259,11 @@ def make_keep(orders: Orders, sets: list[ChannelSet], plan: PlanSpec, *, model: 
             counts, found = _search_counts(plan, sets, orders, prune_fn, meter)
         info.update(found)
     info["removed"] = counts
-    return _keep_from_counts(orders, sets, counts), info
+    return keep_from_counts(orders, sets, counts), info
 
 
-def _keep_from_counts(orders: Orders, sets: list[ChannelSet], counts: dict[str, int]) -> Keep:
+def keep_from_counts(orders: Orders, sets: list[ChannelSet], counts: dict[str, int]) -> Keep:
+    """Per set, the sorted channels left when the first ``counts[name]`` of its removal order are removed."""
     keep = {}
     for s in sets:
         removed = set(orders[s.name].removal[:counts[s.name]])
@@ -259,7 +276,7 @@ def _clamp(count: int, size: int, min_channels: int) -> int:
 
 
 def _ratio_counts(ratio: float, sets: list[ChannelSet], min_channels: int) -> dict[str, int]:
-    return {s.name: _clamp(math.floor(ratio * s.size + _EPS), s.size, min_channels) for s in sets}
+    return {s.name: _clamp(removed_count(ratio, s.size), s.size, min_channels) for s in sets}
 
 
 def _threshold_counts(tau: float, orders: Orders, sets: list[ChannelSet], min_channels: int) -> dict[str, int]:
@@ -268,7 +285,8 @@ def _threshold_counts(tau: float, orders: Orders, sets: list[ChannelSet], min_ch
         values = orders[s.name].values
         if values is None:
             raise ValueError(f"prune.threshold needs a scorer with a threshold rule, and the orders of "
-                             f"{s.name!r} carry no threshold values; scorers with one: {', '.join(THRESHOLD_SCORERS)}")
+                             f"{s.name!r} carry no threshold values; scorers with one: "
+                             f"{', '.join(threshold_scorers())}")
         n = next((k for k, v in enumerate(values) if not v >= tau), len(values))
         counts[s.name] = _clamp(n, s.size, min_channels)
     return counts
@@ -283,12 +301,38 @@ def _layouts(sets: list[ChannelSet], model: nn.Module | None) -> list[RateLayout
     return paper + [per_set]
 
 
-def _rate_counts(rates: list[float], sets: list[ChannelSet], layouts: list[RateLayout], scope: str,
-                 min_channels: int) -> tuple[dict[str, int], str, list[str]]:
-    layout = next((lay for lay in layouts if len(lay.targets) == len(rates)), None)
-    if layout is None:
+def _choose_layout(rates: list[float], layouts: list[RateLayout], chosen: str | None) -> RateLayout:
+    """The layout named by ``prune.rate_layout``, else the only one with the list's length."""
+    if chosen is not None:
+        layout = next((lay for lay in layouts if lay.name == chosen), None)
+        if layout is None:
+            raise ValueError(f"unknown prune.rate_layout {chosen!r}; accepted for this model: "
+                             f"{', '.join(lay.name for lay in layouts)}")
+        if len(layout.targets) != len(rates):
+            raise ValueError(f"prune.rates has {len(rates)} entries; prune.rate_layout={chosen} takes "
+                             f"{len(layout.targets)} ({layout.description})")
+        return layout
+    matching = [lay for lay in layouts if len(lay.targets) == len(rates)]
+    if not matching:
         accepted = "; ".join(f"{len(lay.targets)} ({lay.description})" for lay in layouts)
         raise ValueError(f"prune.rates has {len(rates)} entries; this model accepts {accepted}")
+    if len(matching) > 1:
+        names = ", ".join(lay.name for lay in matching)
+        described = "; ".join(f"{lay.name} ({lay.description})" for lay in matching)
+        raise ValueError(f"prune.rates has {len(rates)} entries, which fits several layouts of this model: "
+                         f"{described}; choose one with prune.rate_layout=<{names.replace(', ', '|')}>")
+    return matching[0]
+
+
+def _rate_counts(rates: list[float], sets: list[ChannelSet], layouts: list[RateLayout], plan: PlanSpec
+                 ) -> tuple[dict[str, int], str, list[str]]:
+    layout = _choose_layout(rates, layouts, plan.rate_layout)
+    for k, (target, rate) in enumerate(zip(layout.targets, rates)):
+        if not 0 <= rate < 1:
+            where = target if target is not None else "an entry its paper's code ignores"
+            raise ValueError(f"prune.rates entry {k} ({layout.name} layout: {where}) is {rate}; every rate "
+                             "must be in [0, 1)")
+    scope, min_channels = plan.scope, plan.min_channels
     sizes = {s.name: s.size for s in sets}
     counts = {s.name: 0 for s in sets}
     ignored = []
@@ -378,7 +422,7 @@ def _search_counts(plan: PlanSpec, sets: list[ChannelSet], orders: Orders, prune
     def reduction(counts: dict[str, int]) -> float:
         k = tuple(counts.values())
         if k not in cache:
-            cache[k] = meter.reduction(prune_fn(_keep_from_counts(orders, sets, counts)))
+            cache[k] = meter.reduction(prune_fn(keep_from_counts(orders, sets, counts)))
         return cache[k]
 
     target = plan.target_macs_reduction
@@ -451,12 +495,12 @@ def measure_sensitivity(sets: list[ChannelSet], orders: Orders, grid: Sequence[f
     for s in sets:
         loss_increase, macs_saved = [], []
         for ratio in grid:
-            n = math.floor(ratio * s.size + _EPS)
+            n = removed_count(ratio, s.size)
             if n == 0 or s.size - n < min_channels:
                 loss_increase.append(None)
                 macs_saved.append(None)
                 continue
-            pruned = prune_fn(_keep_from_counts(orders, [s], {s.name: n}))
+            pruned = prune_fn(keep_from_counts(orders, [s], {s.name: n}))
             loss_increase.append(loss_of(pruned) - base_loss)
             macs_saved.append(meter.reduction(pruned))
         layers[s.name] = {"loss_increase": loss_increase, "macs_saved": macs_saved}
@@ -520,9 +564,9 @@ def _sensitivity_counts(table: Mapping[str, Any], sets: list[ChannelSet], orders
         ratios = _allocate(table, names, min(aim, 0.999))
         if ratios is None:
             break
-        counts = {s.name: _clamp(math.floor(ratios[s.name] * s.size + _EPS), s.size, plan.min_channels)
+        counts = {s.name: _clamp(removed_count(ratios[s.name], s.size), s.size, plan.min_channels)
                   for s in sets}
-        reached = meter.reduction(prune_fn(_keep_from_counts(orders, sets, counts)))
+        reached = meter.reduction(prune_fn(keep_from_counts(orders, sets, counts)))
         tried.append((abs(reached - target) + (reached < target - TOLERANCE), counts, ratios, reached))
         if abs(reached - target) <= TOLERANCE:
             break

@@ -27,11 +27,12 @@ SORT_KEYS = ["model", "scorer", "metric", "compensate", "bn_recalibration", "rat
              "target_macs_reduction", "finetune_epochs", "seed", "run"]
 # Settings a run records beside its results: together with the results row they identify the run.
 SETTING_KEYS = ["model", "dataset", "scorer", "metric", "protocol", "ratio", "rates", "threshold",
-                "target_macs_reduction", "allocation", "compensate", "bn_recalibration", "seed", "finetune_epochs"]
+                "target_macs_reduction", "rate_layout", "allocation", "compensate", "bn_recalibration", "iterative_steps",
+                "seed", "finetune_epochs"]
 # Where a failed run's settings sit in its config (a failed metrics.json may hold only the config).
 CONFIG_PATHS = {"model": "model.name", "dataset": "dataset.name", "scorer": "scorer.name",
                 "metric": "scorer.metric", "bn_recalibration": "prune.bn_recalibration",
-                "allocation": "prune.allocation",
+                "allocation": "prune.allocation", "iterative_steps": "prune.iterative_steps",
                 "ratio": "prune.ratio", "rates": "prune.rates", "threshold": "prune.threshold",
                 "target_macs_reduction": "prune.target_macs_reduction", "compensate": "prune.compensate",
                 "seed": "seed", "finetune_epochs": "finetune.epochs"}
@@ -190,21 +191,25 @@ def results_markdown(df: pd.DataFrame, plots: Sequence[Path] = ()) -> str:
 
 def ratio_table(ok: pd.DataFrame) -> pd.DataFrame:
     """One row per model and series (scorer, metric, recovery options), one column per uniform ratio:
-    final top-1, and the MACs reduction (in the header where every row of the column shares it)."""
+    final top-1 (mean over seeds), and the MACs reduction (in the header where every row of the column
+    shares it)."""
     runs = ok[ok["protocol"] == "ratio"] if "protocol" in ok.columns else ok.iloc[:0]
     if not len(runs):
         return runs
+    runs = runs.assign(series=runs.apply(_series_label, axis=1))
+    cells = runs.groupby(["model", "series", "ratio"], sort=False).agg(
+        top1=("pruned_top1", "mean"), base=("base_top1", "mean"), macs=("MACs_reduction_%", "mean"))
     shared = runs.groupby("ratio")["MACs_reduction_%"].nunique() == 1
-    runs = runs.assign(series=runs.apply(_series_label, axis=1), cell=[
-        f"{top1:.2f}" if shared[ratio] else f"{top1:.2f} (-{macs:.1f}% MACs)"
-        for top1, macs, ratio in zip(runs["pruned_top1"], runs["MACs_reduction_%"], runs["ratio"])])
-    table = runs.pivot_table(index=["model", "series", "base_top1"], columns="ratio", values="cell",
-                             aggfunc="first", sort=False)
-    macs = runs.groupby("ratio")["MACs_reduction_%"].first()
+    text = [f"{top1:.2f}" if shared[ratio] else f"{top1:.2f} (-{macs:.1f}% MACs)"
+            for (_, _, ratio), top1, macs in zip(cells.index, cells["top1"], cells["macs"])]
+    table = cells.assign(cell=text)["cell"].unstack("ratio")
     table = table[sorted(table.columns)]
+    macs = runs.groupby("ratio")["MACs_reduction_%"].first()
     table.columns = [f"ratio {r:g} (-{macs[r]:.1f}% MACs)" if shared[r] else f"ratio {r:g}"
                      for r in table.columns]
-    return table.reset_index().rename(columns={"series": "scorer", "base_top1": "base top-1"})
+    base = cells["base"].groupby(level=["model", "series"], sort=False).first()
+    return table.assign(**{"base top-1": base}).reset_index().rename(columns={"series": "scorer"})[
+        ["model", "scorer", "base top-1", *table.columns]]
 
 
 def time_summary(ok: pd.DataFrame) -> str:
@@ -236,11 +241,15 @@ def _references_for_runs(ok: pd.DataFrame) -> list[Reference]:
 # --------------------------------------------------------------------------------------------- plots
 
 def _series_label(run: pd.Series) -> str:
-    """What distinguishes a line within one model's panel: scorer and its similarity metric,
-    compensation, BN re-estimation, fine-tuning."""
+    """What distinguishes a line within one model's panel: scorer and its similarity metric, the
+    allocation of a MACs target, iterative steps, compensation, BN re-estimation, fine-tuning."""
     label = str(run["scorer"])
     if _given(run.get("metric")) and run["metric"] != "ssim":
         label += f" ({run['metric']})"
+    if run.get("protocol") == "target_macs_reduction" and _given(run.get("allocation")):
+        label += f" +{run['allocation']}"
+    if _given(run.get("iterative_steps")) and run["iterative_steps"] > 1:
+        label += f" +{int(run['iterative_steps'])} steps"
     if _given(run.get("compensate")) and run["compensate"] != "none":
         label += f" +{run['compensate']}"
     if _given(run.get("bn_recalibration")) and run["bn_recalibration"] > 0:
@@ -254,14 +263,10 @@ def _given(value: Any) -> bool:
     return value is not None and not (pd.api.types.is_scalar(value) and pd.isna(value))
 
 
-_PROTOCOL_KEYS = {"ratio": "ratio", "rates": "rates", "threshold": "threshold",
-                  "target_macs_reduction": "target_macs_reduction"}
-
-
 def _setting_text(run: Any) -> str:
     """The pruning amount as its protocol states it: 'ratio 0.5', 'threshold 0.9', 'target 0.4'."""
     protocol = run.get("protocol")
-    value = run.get(_PROTOCOL_KEYS.get(str(protocol), "ratio"))
+    value = run.get(protocol if protocol in ("rates", "threshold", "target_macs_reduction") else "ratio")
     return f"{protocol or 'ratio'} {value}"
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .cache import model_fingerprint
 from .data import ImageSet
 from .loaders import PATHS, DeviceLoader, TorchvisionLoader, make_loader
 from .outputs import atomic_write
@@ -257,6 +258,8 @@ class _Trainer:
                  *, device: torch.device, seed: int, run_dir: Path | None, progress: bool):
         self.model, self.recipe = model, recipe
         self.device, self.seed, self.run_dir, self.progress = device, seed, run_dir, progress
+        # What the run started from: a resume must continue the same (pruned) model, not another one.
+        self.start_key = model_fingerprint(model)
         self.amp = resolve_amp(recipe.amp, device)
         self.channels_last = recipe.channels_last
         model.to(device)
@@ -393,6 +396,7 @@ class _Trainer:
             "rng": {"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
             "history": self.history, "recipe": self.recipe.protocol(), "seed": self.seed,
+            "start": self.start_key,
         }
         atomic_write(self.state_path, lambda f: torch.save(state, f))
 
@@ -418,6 +422,9 @@ class _Trainer:
         return epoch, step, sums
 
     def _check_compatible(self, state: Mapping[str, Any], path: Path) -> None:
+        if state.get("start") != self.start_key:
+            raise ValueError(f"cannot resume from {path}: it was written for a different model (other weights, "
+                             f"channels or scorer); use another run directory, or set resume=false to start over")
         ours = self.recipe.protocol()
         changed = sorted(k for k in ours.keys() | state["recipe"].keys() if ours.get(k) != state["recipe"].get(k))
         if changed or state["seed"] != self.seed:

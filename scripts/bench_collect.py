@@ -12,35 +12,14 @@ import argparse
 import time
 
 import torch
-from torch import nn
 
+from qsfm_cli.checkpoints import PRETRAINED_MEAN, PRETRAINED_STD, load_weights
 from qsfm_cli.collect import collect_stats
 from qsfm_cli.data import load_dataset
 from qsfm_cli.loaders import DeviceLoader
 from qsfm_cli.models import create_model
+from qsfm_cli.pruning import channel_sets
 from qsfm_cli.scoring import get_scorer
-from qsfm_cli.types import ChannelSet
-
-CHECKPOINT_MEAN = (0.485, 0.456, 0.406)
-CHECKPOINT_STD = (0.229, 0.224, 0.225)
-
-
-def block_internal_sets(model: nn.Module) -> list[ChannelSet]:
-    """conv1 of every residual block: the map conv2 reads."""
-    sets = []
-    for name, module in model.named_modules():
-        if hasattr(module, "conv1") and hasattr(module, "conv2"):
-            sets.append(ChannelSet(f"{name}.conv1", module.conv1.out_channels, (f"{name}.conv1",),
-                                   f"{name}.conv2", True, (f"{name}.conv2",)))
-    return sets
-
-
-def load_resnet56(path: str) -> nn.Module:
-    model = create_model("resnet56")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
-    return model.eval()
 
 
 def sync(device: torch.device) -> None:
@@ -63,9 +42,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     train, _ = load_dataset("cifar10", args.data, download=False, verify=False)
-    images = train.with_normalization(CHECKPOINT_MEAN, CHECKPOINT_STD).sample(args.num_images, args.seed)
-    model = load_resnet56(args.checkpoint).to(device)
-    sets = block_internal_sets(model)
+    images = train.with_normalization(PRETRAINED_MEAN, PRETRAINED_STD).sample(args.num_images, args.seed)
+    model = load_weights(create_model("resnet56"), args.checkpoint).eval().to(device)
+    sets = channel_sets(model, torch.zeros(1, 3, 32, 32, device=device), "default")   # each block's conv1
     scorer = get_scorer("qsfm")
 
     def forward() -> None:

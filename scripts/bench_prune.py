@@ -14,29 +14,37 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from qsfm_cli.evaluate import count_macs, count_params, forward_ms
 from qsfm_cli.models import create_model
 from qsfm_cli.plan import PlanSpec, make_keep
 from qsfm_cli.pruning import apply_keep, channel_sets
-from qsfm_cli.references import conv_linear_params, thop_flops
+from qsfm_cli.references import conv_linear_params, reference, thop_flops
 from qsfm_cli.scoring import get_scorer
 
 CASES = [("resnet56", 0.3), ("resnet56", 0.5), ("resnet56", 0.7), ("mobilenetv2", 0.5)]
-ROWS = [("HRank ResNet-56", "resnet56", "default",
-         "[0.1]+[0.60]*35+[0.0]*2+[0.6]*6+[0.4]*3+[0.1]+[0.4]+[0.1]+[0.4]+[0.1]+[0.4]+[0.1]+[0.4]", 62.72, 0.49),
-        ("CHIP ResNet-56 (a)", "resnet56", "stage", "[0.]+[0.15]*2+[0.4]*27", 65.94, 0.48),
-        ("CHIP ResNet-56 (b)", "resnet56", "stage", "[0.]+[0.4]*2+[0.5]*9+[0.6]*9+[0.7]*9", 34.79, 0.24),
-        ("CHIP ResNet-110", "resnet110", "stage", "[0.]+[0.2]*2+[0.3]*18+[0.35]*36", 140.54, 1.04)]
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "conf" / "experiment"
+ROWS = ("hrank_resnet56", "chip_resnet56_a", "chip_resnet56_b", "chip_resnet110")
+
+
+def row_setting(name: str) -> tuple[str, PlanSpec, str]:
+    """(model, plan, reference key) of an experiment config: its model override and prune.rates/scope."""
+    cfg = OmegaConf.load(EXPERIMENTS / f"{name}.yaml")
+    model = next(entry["override /model"] for entry in cfg.defaults
+                 if OmegaConf.is_dict(entry) and "override /model" in entry)
+    return model, PlanSpec(rates=cfg.prune.rates, scope=cfg.prune.scope), cfg.reference
 
 
 def pruned_copy(model: nn.Module, x: torch.Tensor, plan: PlanSpec) -> nn.Module:
     sets = channel_sets(model, x, plan.scope)
-    plan.validate(sets, model)
-    keep, _ = make_keep(get_scorer("l1").score(model, sets, {}), sets, plan, model=model, example_input=x)
+    scorer = get_scorer("l1")
+    plan.validate(sets, model, scorer=scorer)
+    keep, _ = make_keep(scorer.score(model, sets, {}), sets, plan, model=model, example_input=x)
     return apply_keep(model, keep, x).eval()
 
 
@@ -77,12 +85,14 @@ def rows() -> None:
     """Our counts of the published rows' networks beside the papers' figures."""
     print(f"\n{'row':<19} {'ours MACs M':>11} {'params M':>8} {'w/o BN':>7} {'thop FLOPs M':>12} {'paper':>14}")
     x = torch.zeros(1, 3, 32, 32)
-    for label, name, scope, rates, paper_flops, paper_params in ROWS:
+    for row in ROWS:
+        name, plan, key = row_setting(row)
+        paper = reference(key)
         model = create_model(name).eval()
-        pruned = pruned_copy(model, x, PlanSpec(rates=rates, scope=scope))
+        pruned = pruned_copy(model, x, plan)
         macs, thop, no_bn = count_macs(pruned), thop_flops(pruned), conv_linear_params(pruned)
-        print(f"{label:<19} {macs / 1e6:>11.2f} {count_params(pruned) / 1e6:>8.4f} {no_bn / 1e6:>7.4f} "
-              f"{thop / 1e6:>12.2f} {paper_flops:>7.2f}/{paper_params:.2f}")
+        print(f"{row:<19} {macs / 1e6:>11.2f} {count_params(pruned) / 1e6:>8.4f} {no_bn / 1e6:>7.4f} "
+              f"{thop / 1e6:>12.2f} {paper.macs_M:>7.2f}/{paper.params_M:.2f}")
 
 
 def main() -> None:

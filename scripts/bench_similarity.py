@@ -1,9 +1,9 @@
 """Vectorized ``similarity_matrix`` vs a per-pair, per-image loop, and its agreement with float64.
 
-    python scripts/bench_similarity.py [--images 256] [--loop-images 2] [--threads N]
+    python scripts/bench_similarity.py [--images 256] [--loop-images 4] [--threads N]
 
-The loop computes one SSIM per (image, pair) call with a 2-D Gaussian convolution (the textbook
-implementation). It is timed on the first ``--loop-images`` images (all pairs) and its time extrapolated
+The loop computes one SSIM per (image, pair) call, the textbook way: a 2-D Gaussian convolution for maps
+of at least the window's size, global statistics for smaller ones (the 8x8 case). It is timed on the first ``--loop-images`` images (all pairs) and its time extrapolated
 linearly to all images; the output says so. Agreement is checked twice: the float32 vectorized result vs
 the same code in float64 on all images, and vs the float64 loop on the timed images.
 """

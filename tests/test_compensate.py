@@ -39,13 +39,14 @@ def moments(model: nn.Module, s, x: torch.Tensor) -> LayerStats:
                       gram=f @ f.T / f.shape[1])
 
 
-def output_error(model, x, keep, mode, order):
+def output_error(model, x, keep, mode, order, ridge=1e-3):
     """Relative RMS error of the pruned model's output, and the compensation status."""
     with torch.no_grad():
         reference = model(x)
     work = copy.deepcopy(model)
     s = channel_sets(work, x)[0]
-    status = compensate(work, [s], {s.name: moments(model, s, x)}, {s.name: order}, keep, mode) if mode else {}
+    status = compensate(work, [s], {s.name: moments(model, s, x)}, {s.name: order}, keep, mode,
+                        ridge=ridge) if mode else {}
     pruned = apply_keep(work, keep, x)
     with torch.no_grad():
         return ((pruned(x) - reference).norm() / reference.norm()).item(), status
@@ -142,3 +143,51 @@ def test_bn_recalibration_estimates_the_batch_statistics():
     assert torch.allclose(model[1].running_var, z.var((0, 2, 3)), rtol=0.05)   # per-batch unbiased variances
     assert not model.training and model[1].momentum == 0.1
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+
+
+@pytest.mark.parametrize("constant", [0.0, 0.5])
+def test_lstsq_without_ridge_folds_exactly_next_to_a_dead_kept_channel(constant):
+    model = producer_consumer(padding=0, consumer_bias=False)
+    with torch.no_grad():                         # kept map 2 is constant: an exactly singular covariance
+        model[0].weight[2].zero_()
+        model[0].bias[2] = constant
+    x = torch.randn(8, 3, 12, 12)
+    keep = {"0": [0, 2, 4]}
+    order = Order(removal=[3, 1, 0, 2, 4])
+    plain, _ = output_error(model, x, keep, None, order)
+    exact, status = output_error(model, x, keep, "lstsq", order, ridge=0.0)
+    assert status == {"0": "compensated"} and plain > 0.1 and exact < 1e-5
+    s = channel_sets(model, x)[0]
+    with pytest.raises(ValueError, match=r"prune.ridge must be >= 0 \(0: plain least squares\), got -0.1"):
+        compensate(model, [s], {s.name: moments(model, s, x)}, {s.name: order}, keep, "lstsq", ridge=-0.1)
+
+
+def bn_probe(n: int) -> tuple[nn.Module, ImageSet]:
+    """conv -> BatchNorm2d -> pool -> BatchNorm1d (which cannot take a batch of one image in training mode)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.BatchNorm1d(4))
+    images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8)
+    return model, ImageSet(images, torch.zeros(n, dtype=torch.long), 2, (0.5,) * 3, (0.25,) * 3)
+
+
+def test_bn_recalibration_keeps_an_incomplete_last_batch():
+    model, ds = bn_probe(100)
+    recalibrate_bn(model, ds, 100, batch_size=64, seed=1)
+    x = (ds.sample(100, seed=1).images.float() / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        z = model[0](x)
+    # a cumulative average of the two batches' means (64 and 36 images), so all 100 images count
+    expected = (z[:64].mean((0, 2, 3)) + z[64:].mean((0, 2, 3))) / 2
+    assert int(model[1].num_batches_tracked) == 2
+    assert torch.allclose(model[1].running_mean, expected, atol=1e-5)
+
+
+def test_bn_recalibration_drops_only_a_last_batch_of_one_image():
+    model, ds = bn_probe(65)
+    recalibrate_bn(model, ds, 65, batch_size=64, seed=1)   # a batch of 1 would fail in BatchNorm1d
+    x = (ds.sample(65, seed=1).images.float() / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        z = model[0](x[:64])
+    assert int(model[1].num_batches_tracked) == 1
+    assert torch.allclose(model[1].running_mean, z.mean((0, 2, 3)), atol=1e-5)

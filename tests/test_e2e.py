@@ -76,6 +76,9 @@ def test_same_config_prunes_the_same_channels(tmp_path):
     ("prune.ratio=1.5", "1.5"),
     ("model.checkpoint=missing.pt", "checkpoint 'missing.pt' not found"),
     ("device=cuda:7", "device 'cuda:7'"),
+    ("prune.compensate=foo", "prune.compensate='foo'; accepted: none, twin, lstsq"),
+    ("prune.iterative_steps=0", "prune.iterative_steps=0"),
+    ("prune.bn_recalibration=1", "prune.bn_recalibration=1"),
 ])
 def test_bad_values_fail_with_one_line_naming_them(tmp_path, override, message):
     with pytest.raises((ValueError, FileNotFoundError)) as err:
@@ -129,3 +132,35 @@ def test_atomic_writes_leave_readable_files_and_no_temp_files(tmp_path):
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": None}
     assert (tmp_path / "m.json").stat().st_mode & 0o044 == 0o044
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+@pytest.mark.slow
+def test_resnet56_on_real_cifar10_matches_the_published_baseline(tmp_path):
+    """The README's ResNet-56 command: base top-1 93.39% on the 10,000 test images, 125.49M MACs, 0.853M
+    params, and a physically halved set of block-internal channels."""
+    from .conftest import CIFAR_ROOT, shared_file
+
+    checkpoint = shared_file("checkpoints", "resnet56-4bfd9763.th")
+    shared_file("data", "cifar-10-batches-py", "test_batch")
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "model=resnet56", f"model.checkpoint={checkpoint}", "dataset=cifar10", f"dataset.root={CIFAR_ROOT}",
+            "prune.ratio=0.5", "scorer=l1", "finetune.epochs=0", "progress=false", "eval.latency_repeats=3",
+            f"cache.dir={tmp_path / 'cache'}"])
+    metrics = run_experiment(build_experiment(cfg, tmp_path / "run"))
+    assert metrics["base"]["top1"] == pytest.approx(93.39, abs=0.005)
+    assert round(metrics["base"]["macs"] / 1e6, 2) == 125.49
+    assert round(metrics["base"]["params"] / 1e6, 3) == 0.853
+    assert round(100 * (1 - metrics["final"]["macs"] / metrics["base"]["macs"]), 2) == 49.82
+    assert 10 < metrics["final"]["top1"] < metrics["base"]["top1"]
+
+
+def test_compensation_reuses_the_scorers_cached_statistics_and_scores(tmp_path):
+    plain = run_experiment(experiment(tmp_path, "scorer=qsfm"))
+    compensated = run_experiment(experiment(tmp_path, "scorer=qsfm", "prune.compensate=lstsq"))
+    twin = run_experiment(experiment(tmp_path, "scorer=qsfm", "prune.compensate=twin"))
+    assert plain["cache"] == {"stats": "miss", "orders": "miss"}
+    # The moments are collected once (a miss), the SSIM statistics and the scores come from the cache.
+    assert compensated["cache"]["orders"] == "hit" and compensated["cache"]["stats"] == "miss"
+    assert twin["cache"] == {"stats": "hit", "orders": "hit"}
+    assert compensated["kept_channels"] == plain["kept_channels"]

@@ -8,9 +8,10 @@ from torch import nn
 from qsfm_cli.data import ImageSet
 from qsfm_cli.evaluate import count_macs
 from qsfm_cli.models import create_model
-from qsfm_cli.plan import (MacsMeter, PlanSpec, format_sensitivity, heldout_loss, make_keep, measure_sensitivity,
-                           parse_rates)
+from qsfm_cli.plan import (MacsMeter, PlanSpec, format_sensitivity, heldout_loss, keep_from_counts, make_keep,
+                           measure_sensitivity, parse_rates, removed_count)
 from qsfm_cli.pruning import apply_keep, channel_sets
+from qsfm_cli.scoring import get_scorer
 from qsfm_cli.types import Order
 
 X = torch.zeros(1, 3, 32, 32)
@@ -52,7 +53,7 @@ def test_bad_rate_strings_name_the_problem(text, message):
     ({"ratio": 1.5}, "prune.ratio must be in [0, 1), got 1.5"),
     ({"ratio": 1.0}, "prune.ratio must be in [0, 1), got 1.0"),
     ({"rates": "[0.5]*2", "threshold": 0.9}, "prune.rates and prune.threshold are both set"),
-    ({"rates": "[0.5]+[1.0]"}, "prune.rates entry 1 is 1.0; every rate must be in [0, 1)"),
+    ({"rate_layout": "chip"}, "prune.rate_layout=chip needs prune.rates"),
     ({"allocation": "sensitivity"}, "prune.allocation=sensitivity needs prune.target_macs_reduction"),
     ({"allocation": "greedy"}, "unknown prune.allocation 'greedy'; accepted: uniform, threshold, sensitivity"),
     ({"scope": "stages"}, "unknown prune.scope 'stages'; accepted: default, stage, all"),
@@ -77,7 +78,40 @@ def test_spec_from_config_skips_pipeline_keys_and_names_unknown_ones():
         PlanSpec.from_config({"ration": 0.3})
 
 
+def test_describe_writes_a_rate_list_as_a_string():
+    listed = PlanSpec.from_config({"rates": [0.5, 0.5, 0.5]}).describe()
+    assert listed["rates"] == "[0.5, 0.5, 0.5]" and listed["protocol"] == "rates"
+    assert PlanSpec(rates="[0.5]*3").describe()["rates"] == "[0.5]*3"
+    assert PlanSpec().describe()["rates"] is None
+
+
+@pytest.mark.parametrize("kwargs, setting", [
+    ({"threshold": 0.5}, "prune.threshold"),
+    ({"target_macs_reduction": 0.4, "allocation": "threshold"}, "prune.allocation=threshold"),
+])
+@pytest.mark.parametrize("scorer", ["l1", "hrank", "random"])
+def test_threshold_plans_need_a_threshold_scorer_before_any_work(kwargs, setting, scorer):
+    model = create_model("resnet8", stage_widths=(4, 8, 16))
+    sets = channel_sets(model, X)
+    plan = PlanSpec(**kwargs)
+    with pytest.raises(ValueError) as err:
+        plan.validate(sets, model, scorer=get_scorer(scorer))
+    assert str(err.value) == (f"{setting} needs a scorer with a threshold rule; scorer {scorer!r} has none; "
+                              "scorers with one: qsfm, simscore")
+    for name in ("qsfm", "simscore"):
+        plan.validate(sets, model, scorer=get_scorer(name))
+    PlanSpec(target_macs_reduction=0.4).validate(sets, model, scorer=get_scorer(scorer))
+
+
 # -------------------------------------------------------------------------------------- ratio / rates
+def test_removed_count_and_keep_from_counts():
+    assert removed_count(0.57, 100) == 57 and removed_count(0.3, 16) == 4 and removed_count(0.0, 8) == 0
+    s = channel_sets(create_model("resnet8", stage_widths=(4, 8, 16)), X)[0]
+    orders = {s.name: Order(removal=[2, 0, 3, 1])}
+    assert keep_from_counts(orders, [s], {s.name: 2}) == {s.name: [1, 3]}
+    assert keep_from_counts(orders, [s], {s.name: 0}) == {s.name: [0, 1, 2, 3]}
+
+
 def test_ratio_removes_floor_of_r_times_c_from_every_set():
     model = create_model("resnet20")
     sets = channel_sets(model, X)
@@ -133,6 +167,42 @@ def test_rate_string_of_the_wrong_length_names_the_layouts():
     vgg = create_model("vgg16_bn")
     with pytest.raises(ValueError, match="has 12 entries; this model accepts 13 "):
         PlanSpec(rates="[0.3]*12").validate(channel_sets(vgg, X), vgg)
+
+
+def test_a_rate_list_fitting_several_layouts_must_name_one():
+    model = create_model("resnet8", stage_widths=(4, 8, 16))   # stage scope: 7 sets; HRank: 7 convs
+    sets = channel_sets(model, X, "stage")
+    rates = "[0.]+[0.5]*6"
+    with pytest.raises(ValueError) as err:
+        PlanSpec(rates=rates, scope="stage").validate(sets, model)
+    msg = str(err.value)
+    assert msg.startswith("prune.rates has 7 entries, which fits several layouts of this model: hrank (HRank")
+    assert "; per-set (one entry per channel set" in msg and msg.endswith("prune.rate_layout=<hrank|per-set>")
+    orders = identity_orders(sets)
+    keep, info = make_keep(orders, sets, PlanSpec(rates=rates, scope="stage", rate_layout="hrank"), model=model)
+    assert info["layout"] == "hrank" and len(keep["conv1"]) == 4 and len(keep["layer1.0.conv1"]) == 2
+    keep, info = make_keep(orders, sets, PlanSpec(rates=rates, scope="stage", rate_layout="per-set"), model=model)
+    assert info["layout"] == "per-set" and len(keep["conv1"]) == 4 and len(keep["layer3.0.conv1"]) == 8
+    assert len(keep["layer1.0.conv2"]) == 2
+    with pytest.raises(ValueError, match="unknown prune.rate_layout 'HRank'; accepted for this model: chip, "
+                                         "hrank, per-set$"):
+        PlanSpec(rates=rates, scope="stage", rate_layout="HRank").validate(sets, model)
+    with pytest.raises(ValueError, match=r"prune.rates has 7 entries; prune.rate_layout=chip takes 6 \(CHIP"):
+        PlanSpec(rates=rates, scope="stage", rate_layout="chip").validate(sets, model)
+
+
+def test_a_rate_outside_the_range_names_its_layout_entry():
+    model = create_model("resnet56")
+    stage = channel_sets(model, X, "stage")
+    plan = PlanSpec(rates="[0.]+[0.15]*2+[1.2]+[0.4]*26", scope="stage")    # parses: checked with the layout
+    with pytest.raises(ValueError) as err:
+        plan.validate(stage, model)
+    assert str(err.value) == ("prune.rates entry 3 (chip layout: layer1.0.conv1) is 1.2; every rate must be "
+                              "in [0, 1)")
+    hrank = PlanSpec(rates=[0.1, 0.5, 1.0] + [0.5] * 52)                  # entry 2 is a conv2 entry
+    with pytest.raises(ValueError, match=r"^prune.rates entry 2 \(hrank layout: an entry its paper's code "
+                                         r"ignores\) is 1.0; every rate must be in \[0, 1\)$"):
+        make_keep(identity_orders(channel_sets(model, X)), channel_sets(model, X), hrank, model=model)
 
 
 # ------------------------------------------------------------------------------------------ threshold

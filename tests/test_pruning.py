@@ -12,12 +12,12 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from qsfm_cli.evaluate import count_macs
+from qsfm_cli.evaluate import count_macs, count_params
 from qsfm_cli.models import create_model
 from qsfm_cli.plan import PlanSpec, make_keep
 from qsfm_cli.pruning import (apply_keep, architecture, build_model, channel_sets, classifier_name,
                               prunable_channels)
-from qsfm_cli.references import conv_linear_params, thop_flops
+from qsfm_cli.references import conv_linear_params, reference, thop_flops
 from qsfm_cli.types import Order
 
 
@@ -259,6 +259,16 @@ def test_chip_rows_match_the_paper(name, rates, flops_M, params_M):
     model = row_model(name, rates)
     assert abs(thop_flops(model) / 1e6 - flops_M) <= 0.005 * flops_M
     assert round(conv_linear_params(model) / 1e6, 2) == params_M
+
+
+@pytest.mark.parametrize("key, name", [("hrank_resnet56", "resnet56"), ("chip_resnet56_a", "resnet56"),
+                                       ("chip_resnet110", "resnet110")])
+def test_reference_rows_compare_with_the_baseline_counted_as_the_papers_count(key, name):
+    """The papers' params leave BatchNorm out, so their baseline must too; MACs have no BatchNorm part."""
+    row, model = reference(key), create_model(name)
+    assert row.base_params_M == conv_linear_params(model) / 1e6 < count_params(model) / 1e6
+    assert row.base_macs_M == count_macs(model) / 1e6
+    assert row.params_reduction_pct == round(100 * (1 - row.params_M / (conv_linear_params(model) / 1e6)), 2)
 
 
 HRANK_ROW = "[0.1]+[0.60]*35+[0.0]*2+[0.6]*6+[0.4]*3+[0.1]+[0.4]+[0.1]+[0.4]+[0.1]+[0.4]+[0.1]+[0.4]"

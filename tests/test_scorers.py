@@ -10,8 +10,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from qsfm_cli.scoring import StatRequest, get_scorer, list_scorers, qsfm_order, simscore_order
+from qsfm_cli import scoring
+from qsfm_cli.scoring import StatRequest, get_scorer, list_scorers, qsfm_order, simscore_order, threshold_scorers
 from qsfm_cli.scoring import chip as chip_module
+from qsfm_cli.scoring.base import checked_dead
 from qsfm_cli.scoring.chip import channel_independence
 from qsfm_cli.scoring.hrank import map_ranks
 from qsfm_cli.scoring.qsfm import qsfm_steps
@@ -145,6 +147,44 @@ def test_fpgm_removes_filters_nearest_the_others_first():
     assert order.removal == expected and order.values is None
     # scalar filters 1, -2, .5, 3: distance sums 5.5, 10.5, 6, 9.5
     assert get_scorer("fpgm").score(model, [ONE], {})["a"].removal == [0, 2, 3, 1]
+
+
+def test_fpgm_identical_filters_tie_exactly():
+    # 32 filters (cdist's matrix-product shortcut starts above 25) near a common offset, where
+    # |a|^2 + |b|^2 - 2ab loses digits: filter 20 is a copy of filter 5, so both have the same distance
+    # sum and tie (index order), which the shortcut's rounding would break (20 first, for this seed).
+    g = torch.Generator().manual_seed(0)
+    filters = torch.randn(32, 3, 3, 3, generator=g, dtype=torch.float64) * 0.1 + 3.0
+    filters[20] = filters[5]
+    conv = nn.Conv2d(3, 32, 3).double()
+    with torch.no_grad():
+        conv.weight.copy_(filters)
+    model = nn.Sequential(conv)
+    removal = get_scorer("fpgm").score(model, [ChannelSet("0", 32, ("0",), "x")], {})["0"].removal
+    assert removal.index(20) == removal.index(5) + 1
+
+
+def test_dead_indices_are_checked_in_one_place():
+    assert checked_dead([3, 1, 3], 4) == [1, 3]
+    message = r"dead channel indices must lie in \[0, 4\), got \[1, 4\]"
+    with pytest.raises(ValueError, match=message):
+        checked_dead([4, 1], 4)
+    for order in (qsfm_order, simscore_order):
+        with pytest.raises(ValueError, match=message):
+            order(torch.eye(4), [4, 1])
+
+
+def test_threshold_rule_is_declared_by_each_scorer(monkeypatch):
+    assert {name: get_scorer(name).threshold_rule for name in list_scorers()} == {
+        "chip": False, "fpgm": False, "hrank": False, "l1": False, "qsfm": True, "random": False,
+        "simscore": True}
+    assert threshold_scorers() == ["qsfm", "simscore"]
+
+    class Valued:                                 # a newly registered scorer with a threshold rule
+        name, threshold_rule = "valued", True
+
+    monkeypatch.setitem(scoring._REGISTRY, "valued", Valued)
+    assert threshold_scorers() == ["qsfm", "simscore", "valued"]
 
 
 def test_producer_of_the_wrong_width_is_named():

@@ -119,7 +119,7 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(data, tmp_path, sigint_at
     state = torch.load(tmp_path / "b" / STATE_FILE, weights_only=True)
     assert (state["epoch"], state["step"]) == (1, sigint_at - 6)
 
-    resumed = Wrapped(seed=99)                       # different init: the checkpoint must overwrite it
+    resumed = Wrapped()              # the same starting model, as a rerun of the same config rebuilds it
     result = train(resumed, train_set, test_set, recipe, device="cpu", seed=1, run_dir=tmp_path / "b",
                    resume=True, progress=False)
     assert result.epochs_run == 2 and [r["epoch"] for r in result.history] == [1, 2, 3]
@@ -135,10 +135,18 @@ def test_resume_of_finished_run_loads_weights(data, tmp_path):
     recipe = TrainRecipe(epochs=1, **FAST)
     done = tiny_net()
     first = train(done, *data, recipe, device="cpu", seed=0, run_dir=tmp_path, progress=False)
-    again = tiny_net(seed=5)
+    again = tiny_net()
     second = train(again, *data, recipe, device="cpu", seed=0, run_dir=tmp_path, resume=True, progress=False)
     assert second.epochs_run == 0 and second.test_top1 == first.test_top1
     assert_same_weights(weights(done), weights(again))
+
+
+def test_resume_onto_a_different_model_is_refused(data, tmp_path):
+    train(tiny_net(), *data, TrainRecipe(epochs=1, **FAST), device="cpu", seed=0, run_dir=tmp_path,
+          progress=False)
+    with pytest.raises(ValueError, match="written for a different model"):
+        train(tiny_net(seed=5), *data, TrainRecipe(epochs=1, **FAST), device="cpu", seed=0, run_dir=tmp_path,
+              resume=True, progress=False)
 
 
 def test_resume_with_another_recipe_is_refused(data, tmp_path):

@@ -59,7 +59,7 @@ class CifarMobileNetV2(nn.Module):
     def __init__(self, num_classes: int = 10, stem: int = 32, hidden_widths: Sequence[int] | None = None,
                  out_widths: Sequence[int] | None = None, head: int = 1280):
         super().__init__()
-        specs = _block_specs()
+        specs = _block_specs(stem)
         self.stem = stem
         self.hidden_widths = list(hidden_widths) if hidden_widths is not None else [s[1] for s in specs]
         self.out_widths = list(out_widths) if out_widths is not None else [s[2] for s in specs]

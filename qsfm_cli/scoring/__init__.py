@@ -26,6 +26,11 @@ def list_scorers() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def threshold_scorers() -> list[str]:
+    """Scorers whose orders carry threshold values (what prune.threshold compares)."""
+    return [name for name in list_scorers() if _REGISTRY[name].threshold_rule]
+
+
 def get_scorer(name: str, **options) -> Scorer:
     """Build scorer ``name`` with ``options`` (each scorer's dataclass fields; defaults for the rest)."""
     if name not in _REGISTRY:
@@ -46,4 +51,4 @@ from .qsfm import qsfm_order  # noqa: E402
 from .simscore import simscore_order  # noqa: E402
 
 __all__ = ["METRICS", "Scorer", "StatRequest", "get_scorer", "list_scorers", "qsfm_order", "register_scorer",
-           "similarity_matrix", "similarity_sums", "simscore_order"]
+           "similarity_matrix", "similarity_sums", "simscore_order", "threshold_scorers"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, Iterable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -65,6 +65,8 @@ class Scorer(Protocol):
     """Channels of each set in removal order, from collected statistics and/or the model's weights."""
 
     name: ClassVar[str]
+    # Whether the orders' ``values`` support prune.threshold (and allocation=threshold).
+    threshold_rule: ClassVar[bool]
 
     def requests(self) -> set[StatRequest]:
         """What the collector must gather (empty for weight-only scorers)."""
@@ -82,6 +84,7 @@ class ScorerOptions:
     """Base of the scorer dataclasses: the fields are the options."""
 
     name: ClassVar[str] = ""
+    threshold_rule: ClassVar[bool] = False
 
     def options(self) -> dict:
         return asdict(self)
@@ -117,6 +120,14 @@ class SimilarityOptions(ScorerOptions):
                            f"{', '.join(layer.similarity) or 'none'} (collect with this scorer's requests())")
         dead = layer.dead.nonzero().flatten().tolist()
         return layer.similarity[key].detach().to("cpu", torch.float64), dead
+
+
+def checked_dead(dead: Iterable[int], size: int) -> list[int]:
+    """Dead channel indices, sorted and unique, with a clear error when one lies outside the set."""
+    dead = sorted({int(d) for d in dead})
+    if any(not 0 <= d < size for d in dead):
+        raise ValueError(f"dead channel indices must lie in [0, {size}), got {dead}")
+    return dead
 
 
 def _layer_stats(cs: ChannelSet, stats: dict[str, LayerStats]) -> LayerStats:

@@ -25,5 +25,8 @@ class FPGM(ScorerOptions):
         orders = {}
         for cs in channel_sets:
             filters = producer_filters(model, cs)
-            orders[cs.name] = ascending_order(torch.cdist(filters, filters).sum(1))
+            # exact pairwise differences, not the |a|^2 + |b|^2 - 2ab expansion: near-identical filters
+            # then get exactly equal distances, and tie
+            dist = torch.cdist(filters, filters, compute_mode="donot_use_mm_for_euclid_dist")
+            orders[cs.name] = ascending_order(dist.sum(1))
         return orders

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..types import ChannelSet, LayerStats, Order
 from . import register_scorer
-from .base import SimilarityOptions
+from .base import SimilarityOptions, checked_dead
 
 
 def qsfm_order(S: torch.Tensor, dead: Iterable[int] = ()) -> tuple[list[int], list[int]]:
@@ -31,9 +31,7 @@ def qsfm_steps(S: torch.Tensor, dead: Iterable[int] = ()) -> tuple[list[int], li
     c = sim.shape[0]
     if sim.shape != (c, c):
         raise ValueError(f"S must be a square matrix, got shape {tuple(sim.shape)}")
-    dead = sorted(set(int(d) for d in dead))
-    if any(not 0 <= d < c for d in dead):
-        raise ValueError(f"dead channel indices must lie in [0, {c}), got {dead}")
+    dead = checked_dead(dead, c)
     order, twins, values = list(dead), [-1] * len(dead), [math.inf] * len(dead)
     remaining = np.ones(c, dtype=bool)
     remaining[dead] = False
@@ -63,6 +61,7 @@ class QSFM(SimilarityOptions):
     survivor) is listed last with value -inf, so ``removal`` is a full permutation."""
 
     name = "qsfm"
+    threshold_rule = True
 
     def score(self, model: nn.Module, channel_sets: list[ChannelSet],
               stats: dict[str, LayerStats]) -> dict[str, Order]:

@@ -12,9 +12,10 @@ For one image n and two channels i, j of a layer (maps H x W):
 
 S[i, j] is the mean over the counted images (every image for cosine/pearson), diagonal included.
 
-Everything is batched over images and channel pairs (no loop over either): cosine, pearson and the
-one-window SSIM come from Gram products; the windowed SSIM filters the products of all channel pairs with
-one separable Gaussian, applied as two matrix products with band matrices (see ``_windowed_ssim``).
+Everything is batched over images: cosine, pearson and the one-window SSIM come from Gram products over all
+channel pairs at once; the windowed SSIM loops over the C // 2 channel offsets, each step taking every pair
+at that offset together and filtering their products with one separable Gaussian, applied as two matrix
+products with band matrices (see ``_windowed_ssim``).
 Images are processed in chunks to bound memory. The diagonal needs no work: a map's similarity with itself
 is exactly 1 for ssim (when counted), and 1 or 0 (by the rules above) for cosine/pearson.
 """

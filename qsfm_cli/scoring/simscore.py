@@ -10,7 +10,7 @@ from torch import nn
 
 from ..types import ChannelSet, LayerStats, Order
 from . import register_scorer
-from .base import SimilarityOptions
+from .base import SimilarityOptions, checked_dead
 
 
 def simscore_order(S: torch.Tensor, dead: Iterable[int] = ()) -> tuple[list[int], list[float]]:
@@ -18,9 +18,7 @@ def simscore_order(S: torch.Tensor, dead: Iterable[int] = ()) -> tuple[list[int]
     score_i = mean over j != i of S[i, j] (ties: larger index first)."""
     sim = torch.as_tensor(S).detach().to("cpu", torch.float64)
     c = sim.shape[0]
-    dead = sorted(set(int(d) for d in dead))
-    if any(not 0 <= d < c for d in dead):
-        raise ValueError(f"dead channel indices must lie in [0, {c}), got {dead}")
+    dead = checked_dead(dead, c)
     rows = sim.tolist()
     # exactly rounded sums, so channels with equal scores tie exactly
     score = {i: math.fsum(rows[i][:i] + rows[i][i + 1:]) / (c - 1) if c > 1 else 0.0 for i in range(c)}
@@ -34,6 +32,7 @@ class SimScore(SimilarityOptions):
     """``values``: each channel's score (non-increasing after the dead channels' +inf)."""
 
     name = "simscore"
+    threshold_rule = True
 
     def score(self, model: nn.Module, channel_sets: list[ChannelSet],
               stats: dict[str, LayerStats]) -> dict[str, Order]:
