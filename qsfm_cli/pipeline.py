@@ -181,11 +181,11 @@ def merge_stats(raws: Iterable[dict[str, dict]]) -> dict[str, LayerStats]:
     for raw in raws:
         for name, fields in raw.items():
             into = merged.setdefault(name, dict(fields))
-            for field, value in fields.items():
+            for key, value in fields.items():
                 if isinstance(value, dict):
-                    into[field] = {**into[field], **value}
-                elif into[field] is None:
-                    into[field] = value
+                    into[key] = {**into[key], **value}
+                elif into[key] is None:
+                    into[key] = value
     return {name: LayerStats(**fields) for name, fields in merged.items()}
 
 

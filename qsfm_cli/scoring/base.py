@@ -121,6 +121,14 @@ class SimilarityOptions(ScorerOptions):
         dead = layer.dead.nonzero().flatten().tolist()
         return layer.similarity[key].detach().to("cpu", torch.float64), dead
 
+    def score(self, model: nn.Module, channel_sets: list[ChannelSet],
+              stats: dict[str, LayerStats]) -> dict[str, Order]:
+        return {cs.name: self.order(*self.layer_similarity(cs, stats)) for cs in channel_sets}
+
+    def order(self, sim: torch.Tensor, dead: list[int]) -> Order:
+        """The removal order of one set from its S and dead channels."""
+        raise NotImplementedError
+
 
 def checked_dead(dead: Iterable[int], size: int) -> list[int]:
     """Dead channel indices, sorted and unique, with a clear error when one lies outside the set."""

@@ -7,9 +7,8 @@ from typing import Iterable
 
 import numpy as np
 import torch
-from torch import nn
 
-from ..types import ChannelSet, LayerStats, Order
+from ..types import Order
 from . import register_scorer
 from .base import SimilarityOptions, checked_dead
 
@@ -63,13 +62,8 @@ class QSFM(SimilarityOptions):
     name = "qsfm"
     threshold_rule = True
 
-    def score(self, model: nn.Module, channel_sets: list[ChannelSet],
-              stats: dict[str, LayerStats]) -> dict[str, Order]:
-        orders = {}
-        for cs in channel_sets:
-            sim, dead = self.layer_similarity(cs, stats)
-            order, twins, values = qsfm_steps(sim, dead)
-            survivors = sorted(set(range(cs.size)) - set(order))
-            orders[cs.name] = Order(removal=order + survivors, values=values + [-math.inf] * len(survivors),
-                                    twins=twins + [-1] * len(survivors))
-        return orders
+    def order(self, sim: torch.Tensor, dead: list[int]) -> Order:
+        order, twins, values = qsfm_steps(sim, dead)
+        survivors = sorted(set(range(sim.shape[0])) - set(order))
+        return Order(removal=order + survivors, values=values + [-math.inf] * len(survivors),
+                     twins=twins + [-1] * len(survivors))

@@ -6,9 +6,8 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-from torch import nn
 
-from ..types import ChannelSet, LayerStats, Order
+from ..types import Order
 from . import register_scorer
 from .base import SimilarityOptions, checked_dead
 
@@ -34,11 +33,6 @@ class SimScore(SimilarityOptions):
     name = "simscore"
     threshold_rule = True
 
-    def score(self, model: nn.Module, channel_sets: list[ChannelSet],
-              stats: dict[str, LayerStats]) -> dict[str, Order]:
-        orders = {}
-        for cs in channel_sets:
-            sim, dead = self.layer_similarity(cs, stats)
-            removal, values = simscore_order(sim, dead)
-            orders[cs.name] = Order(removal=removal, values=values)
-        return orders
+    def order(self, sim: torch.Tensor, dead: list[int]) -> Order:
+        removal, values = simscore_order(sim, dead)
+        return Order(removal=removal, values=values)
