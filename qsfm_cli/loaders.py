@@ -32,13 +32,19 @@ def _num_batches(n: int, batch_size: int, drop_last: bool) -> int:
 
 
 class _EpochLoader:
-    """What both loaders share: the batch count, and iteration that walks epochs 0, 1, 2, ...
-    (subclasses set ``num_images``, ``batch_size``, ``drop_last``, ``epoch`` and define ``iter_epoch``)."""
+    """What both loaders share: the checked settings, the batch count, and iteration that walks epochs
+    0, 1, 2, ... (subclasses define ``iter_epoch``)."""
 
-    num_images: int
-    batch_size: int
-    drop_last: bool
-    epoch: int
+    def __init__(self, ds: ImageSet, batch_size: int, device: str | torch.device, drop_last: bool,
+                 channels_last: bool):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.channels_last = channels_last
+        self.num_images = len(ds)
+        self.epoch = 0
 
     def __len__(self) -> int:
         return _num_batches(self.num_images, self.batch_size, self.drop_last)
@@ -63,17 +69,10 @@ class DeviceLoader(_EpochLoader):
     def __init__(self, ds: ImageSet, batch_size: int, *, device: str | torch.device = "cpu",
                  train: bool = False, seed: int = 0, drop_last: bool = False, pad: int = 4,
                  channels_last: bool = False):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = torch.device(device)
-        self.batch_size = batch_size
+        super().__init__(ds, batch_size, device, drop_last, channels_last)
         self.train = train
         self.seed = seed
-        self.drop_last = drop_last
         self.pad = pad if train else 0
-        self.channels_last = channels_last
-        self.epoch = 0
-        self.num_images = len(ds)
         self.height, self.width = ds.images.shape[2], ds.images.shape[3]
         p = self.pad
         # NHWC so that one gather yields a channels_last batch; padded once here, not per batch.
@@ -209,14 +208,7 @@ class TorchvisionLoader(_EpochLoader):
     def __init__(self, ds: ImageSet, batch_size: int, *, device: str | torch.device = "cpu",
                  train: bool = False, seed: int = 0, drop_last: bool = False, pad: int = 4,
                  channels_last: bool = False, num_workers: int = 4):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.drop_last = drop_last
-        self.channels_last = channels_last
-        self.num_images = len(ds)
-        self.epoch = 0
+        super().__init__(ds, batch_size, device, drop_last, channels_last)
         self.sampler = _EpochSampler(len(ds), train, seed)
         transform = train_transform(ds, pad) if train else eval_transform(ds)
         self.loader = DataLoader(

@@ -16,12 +16,12 @@ from torch import nn
 
 from . import checkpoints, outputs
 from .cache import Cache, fingerprint, model_fingerprint
+from .baseline import trained_baseline
 from .collect import collect_stats
-from .compensate import compensate, recalibrate_bn
+from .compensate import MODES, compensate, recalibrate_bn
 from .data import ImageSet
 from .evaluate import Metrics, accuracy, evaluate
 from .models import create_model
-from .baseline import trained_baseline
 from .plan import (MacsMeter, PlanSpec, format_sensitivity, heldout_loss, keep_from_counts, make_keep,
                    measure_sensitivity)
 from .pruning import apply_keep, channel_sets
@@ -31,8 +31,7 @@ from .types import ChannelSet, Keep, LayerStats, Order, Orders
 
 log = logging.getLogger(__name__)
 
-
-COMPENSATIONS = ("none", "twin", "lstsq")
+COMPENSATIONS = ("none", *MODES)
 
 
 @dataclass

@@ -89,6 +89,25 @@ class ScorerOptions:
     def options(self) -> dict:
         return asdict(self)
 
+    def requests(self) -> set[StatRequest]:
+        """Nothing to collect: the default of the weight-only scorers."""
+        return set()
+
+
+@dataclass(frozen=True)
+class StatisticScorer(ScorerOptions):
+    """Removes first the channels with the lowest value of one collected per-channel statistic
+    (``stat``: a ``LayerStats`` field and ``StatRequest`` kind, e.g. ``rank``, ``chip``)."""
+
+    stat: ClassVar[str] = ""
+
+    def requests(self) -> set[StatRequest]:
+        return {StatRequest(self.stat)}
+
+    def score(self, model: nn.Module, channel_sets: list[ChannelSet],
+              stats: dict[str, LayerStats]) -> dict[str, Order]:
+        return {cs.name: ascending_order(collected(cs, stats, self.stat)) for cs in channel_sets}
+
 
 @dataclass(frozen=True)
 class SimilarityOptions(ScorerOptions):

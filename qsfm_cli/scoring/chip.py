@@ -5,11 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from ..types import ChannelSet, LayerStats, Order
 from . import register_scorer
-from .base import ScorerOptions, StatRequest, ascending_order, collected
+from .base import StatisticScorer
 
 
 # (image, channel) cases per batched SVD: at most this many matrix elements at once
@@ -38,12 +36,6 @@ def channel_independence(maps: torch.Tensor) -> torch.Tensor:
 
 @register_scorer
 @dataclass(frozen=True)
-class CHIP(ScorerOptions):
+class CHIP(StatisticScorer):
     name = "chip"
-
-    def requests(self) -> set[StatRequest]:
-        return {StatRequest.chip()}
-
-    def score(self, model: nn.Module, channel_sets: list[ChannelSet],
-              stats: dict[str, LayerStats]) -> dict[str, Order]:
-        return {cs.name: ascending_order(collected(cs, stats, "chip")) for cs in channel_sets}
+    stat = "chip"

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..types import ChannelSet, LayerStats, Order
 from . import register_scorer
-from .base import ScorerOptions, StatRequest, ascending_order, producer_filters
+from .base import ScorerOptions, ascending_order, producer_filters
 
 
 @register_scorer
@@ -17,8 +17,6 @@ from .base import ScorerOptions, StatRequest, ascending_order, producer_filters
 class FPGM(ScorerOptions):
     name = "fpgm"
 
-    def requests(self) -> set[StatRequest]:
-        return set()
 
     def score(self, model: nn.Module, channel_sets: list[ChannelSet],
               stats: dict[str, LayerStats]) -> dict[str, Order]:

@@ -4,11 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from ..types import ChannelSet, LayerStats, Order
 from . import register_scorer
-from .base import ScorerOptions, StatRequest, ascending_order, collected
+from .base import StatisticScorer
 
 
 def map_ranks(maps: torch.Tensor) -> torch.Tensor:
@@ -18,12 +16,6 @@ def map_ranks(maps: torch.Tensor) -> torch.Tensor:
 
 @register_scorer
 @dataclass(frozen=True)
-class HRank(ScorerOptions):
+class HRank(StatisticScorer):
     name = "hrank"
-
-    def requests(self) -> set[StatRequest]:
-        return {StatRequest.rank()}
-
-    def score(self, model: nn.Module, channel_sets: list[ChannelSet],
-              stats: dict[str, LayerStats]) -> dict[str, Order]:
-        return {cs.name: ascending_order(collected(cs, stats, "rank")) for cs in channel_sets}
+    stat = "rank"

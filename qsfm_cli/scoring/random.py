@@ -9,7 +9,7 @@ from torch import nn
 
 from ..types import ChannelSet, LayerStats, Order
 from . import register_scorer
-from .base import ScorerOptions, StatRequest
+from .base import ScorerOptions
 
 
 @register_scorer
@@ -18,8 +18,6 @@ class Random(ScorerOptions):
     seed: int = 0
     name = "random"
 
-    def requests(self) -> set[StatRequest]:
-        return set()
 
     def score(self, model: nn.Module, channel_sets: list[ChannelSet],
               stats: dict[str, LayerStats]) -> dict[str, Order]:
