@@ -7,7 +7,6 @@ no global backend state, no figures left open in long sessions.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -400,9 +399,7 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, layers_run: str | Path |
 
 
 def _write_frame(df: pd.DataFrame, path: Path) -> Path:
-    buf = io.StringIO()
-    df.to_csv(buf, index=False)
-    write_text(path, buf.getvalue())
+    write_text(path, df.to_csv(index=False))
     return path
 
 
