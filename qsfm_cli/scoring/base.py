@@ -95,6 +95,20 @@ class ScorerOptions:
 
 
 @dataclass(frozen=True)
+class FilterScorer(ScorerOptions):
+    """Removes first the channels whose filters (across the set's producers) have the lowest
+    ``importance``; needs no collected statistics."""
+
+    def score(self, model: nn.Module, channel_sets: list[ChannelSet],
+              stats: dict[str, LayerStats]) -> dict[str, Order]:
+        return {cs.name: ascending_order(self.importance(producer_filters(model, cs))) for cs in channel_sets}
+
+    def importance(self, filters: torch.Tensor) -> torch.Tensor:
+        """[C] importance of each channel from its [C, D] filters."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
 class StatisticScorer(ScorerOptions):
     """Removes first the channels with the lowest value of one collected per-channel statistic
     (``stat``: a ``LayerStats`` field and ``StatRequest`` kind, e.g. ``rank``, ``chip``)."""

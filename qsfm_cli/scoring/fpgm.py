@@ -5,26 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from ..types import ChannelSet, LayerStats, Order
 from . import register_scorer
-from .base import ScorerOptions, ascending_order, producer_filters
+from .base import FilterScorer
 
 
 @register_scorer
 @dataclass(frozen=True)
-class FPGM(ScorerOptions):
+class FPGM(FilterScorer):
     name = "fpgm"
 
-
-    def score(self, model: nn.Module, channel_sets: list[ChannelSet],
-              stats: dict[str, LayerStats]) -> dict[str, Order]:
-        orders = {}
-        for cs in channel_sets:
-            filters = producer_filters(model, cs)
-            # exact pairwise differences, not the |a|^2 + |b|^2 - 2ab expansion: near-identical filters
-            # then get exactly equal distances, and tie
-            dist = torch.cdist(filters, filters, compute_mode="donot_use_mm_for_euclid_dist")
-            orders[cs.name] = ascending_order(dist.sum(1))
-        return orders
+    def importance(self, filters: torch.Tensor) -> torch.Tensor:
+        # exact pairwise differences, not the |a|^2 + |b|^2 - 2ab expansion: near-identical filters
+        # then get exactly equal distances, and tie
+        return torch.cdist(filters, filters, compute_mode="donot_use_mm_for_euclid_dist").sum(1)

@@ -3,19 +3,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
+import torch
 
-from ..types import ChannelSet, LayerStats, Order
 from . import register_scorer
-from .base import ScorerOptions, ascending_order, producer_filters
+from .base import FilterScorer
 
 
 @register_scorer
 @dataclass(frozen=True)
-class L1(ScorerOptions):
+class L1(FilterScorer):
     name = "l1"
 
-
-    def score(self, model: nn.Module, channel_sets: list[ChannelSet],
-              stats: dict[str, LayerStats]) -> dict[str, Order]:
-        return {cs.name: ascending_order(producer_filters(model, cs).abs().sum(1)) for cs in channel_sets}
+    def importance(self, filters: torch.Tensor) -> torch.Tensor:
+        return filters.abs().sum(1)
