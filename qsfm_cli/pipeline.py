@@ -18,10 +18,11 @@ from . import checkpoints, outputs
 from .cache import Cache, fingerprint, model_fingerprint
 from .baseline import trained_baseline
 from .collect import collect_stats
-from .compensate import MODES, compensate, recalibrate_bn
 from .data import ImageSet
 from .evaluate import Metrics, accuracy, evaluate
 from .models import create_model
+from .recover import recalibrate_bn
+from .recover.compensate import MODES, compensate
 from .plan import (MacsMeter, PlanSpec, format_sensitivity, heldout_loss, keep_from_counts, make_keep,
                    measure_sensitivity)
 from .pruning import apply_keep, channel_sets

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from qsfm_cli.compensate import compensate, recalibrate_bn
+from qsfm_cli.recover import recalibrate_bn
+from qsfm_cli.recover.compensate import compensate
 from qsfm_cli.data import ImageSet
 from qsfm_cli.models import create_model
 from qsfm_cli.pruning import apply_keep, channel_sets

@@ -16,13 +16,15 @@ and ``LayerStats.gram``: covariance = gram - mean mean^T.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from .data import ImageSet
-from .loaders import DeviceLoader
-from .types import ChannelSet, Keep, LayerStats, Orders
+from ..scoring.base import StatRequest
+from ..types import ChannelSet, Keep, LayerStats, Orders
+from . import register_recovery
+from .base import Recovery
 
 MODES = ("twin", "lstsq")
 
@@ -130,29 +132,35 @@ def _write(model: nn.Module, layer: nn.Module, norm: str, weight: torch.Tensor, 
         bn.running_mean.sub_(const.to(bn.running_mean))
 
 
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, images: ImageSet, n: int, batch_size: int = 128,
-                   device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
-    """Re-estimate every BatchNorm's running statistics on ``n`` images of ``images`` (no augmentation):
-    forward passes with only the BatchNorms in training mode (dropout and stochastic depth stay off), a
-    cumulative average over all batches, no weight update. Leaves the model in eval mode."""
-    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    if n < 2:
-        raise ValueError(f"prune.bn_recalibration needs at least 2 images, got {n}")
-    sample = images.sample(n, seed)
-    momenta = [bn.momentum for bn in norms]
-    model.to(device).eval()
-    for bn in norms:
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.train()
-    try:
-        # A last batch of one image would break BatchNorm1d on a pooled vector: drop only such a batch.
-        lone_last = len(sample) > batch_size and len(sample) % batch_size == 1
-        for x, _ in DeviceLoader(sample, batch_size, device=device, drop_last=lone_last):
-            model(x)
-    finally:
-        for bn, momentum in zip(norms, momenta):
-            bn.momentum = momentum
-        model.eval()
-    return model
+@dataclass(frozen=True)
+class _Compensation(Recovery):
+    """A fold from the collected channel moments (see the module docstring)."""
+
+    ridge: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.ridge < 0:
+            raise ValueError(f"recover.ridge={self.ridge}; must be >= 0 (0: plain least squares)")
+
+    def requests(self) -> set[StatRequest]:
+        return {StatRequest.moments()}
+
+    def fold(self, model: nn.Module, sets: list[ChannelSet], stats: dict[str, LayerStats], orders: Orders,
+             keep: Keep) -> dict[str, str]:
+        return compensate(model, sets, stats, orders, keep, self.name, ridge=self.ridge)
+
+
+@register_recovery
+@dataclass(frozen=True)
+class Twin(_Compensation):
+    """QSFM's own repair: each removed channel folded into its most similar kept twin."""
+
+    name = "twin"
+
+
+@register_recovery
+@dataclass(frozen=True)
+class LeastSquares(_Compensation):
+    """All removed maps of a set regressed on its kept maps, folded into the consumers."""
+
+    name = "lstsq"

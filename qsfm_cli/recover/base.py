@@ -1,0 +1,87 @@
+"""What every recovery shares: its interface and the settings that apply whatever the method."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..data import ImageSet
+from ..scoring.base import StatRequest
+from ..types import ChannelSet, Keep, LayerStats, Orders
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """A post-training repair of a pruned network: no labels, no fine-tuning. The dataclass fields are the
+    method's options (recorded with every result and part of the cache keys).
+
+    A method acts at one or both of two moments:
+    - ``fold``: before physical removal, editing a copy of the unpruned model in place from the statistics
+      it ``requests()`` (e.g. folding removed maps into their consumers);
+    - ``refit``: after removal, fitting the pruned model's kept weights to the original network on
+      ``calibration_images`` unlabeled training images, never changing a shape.
+    Both return, per channel set they looked at, what was done (e.g. "compensated") or "skipped: <why>".
+    """
+
+    name: ClassVar[str] = ""
+    calibration_images: ClassVar[int] = 0     # images ``refit`` needs; 0: it needs none
+
+    def options(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def requests(self) -> set[StatRequest]:
+        return set()
+
+    def fold(self, model: nn.Module, sets: list[ChannelSet], stats: dict[str, LayerStats], orders: Orders,
+             keep: Keep) -> dict[str, str]:
+        return {}
+
+    def refit(self, original: nn.Module, pruned: nn.Module, sets: list[ChannelSet], keep: Keep,
+              images: ImageSet, *, device: str | torch.device = "cpu", progress: bool = False) -> dict[str, str]:
+        return {}
+
+
+@dataclass(frozen=True)
+class RecoverySpec:
+    """The ``recover/`` config group as plain values: the method, then what applies whatever it is.
+
+    ``bn_images``: re-estimate every BatchNorm's statistics on this many training images after the method
+    (0: off); ``iterative_steps``: reach the plan in this many prune-and-recover steps, re-collecting
+    statistics before each.
+    """
+
+    method: Recovery = field(default_factory=lambda: _none())
+    bn_images: int = 0
+    bn_batch_size: int = 128
+    iterative_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.bn_images != 0 and self.bn_images < 2:
+            raise ValueError(f"recover.bn_images={self.bn_images}; accepted: 0 (off) or at least 2 images")
+        if self.bn_batch_size < 1:
+            raise ValueError(f"recover.bn_batch_size={self.bn_batch_size}; must be >= 1")
+        if self.iterative_steps < 1:
+            raise ValueError(f"recover.iterative_steps={self.iterative_steps}; must be >= 1")
+
+    @property
+    def label(self) -> str:
+        """How a result was recovered, for every table and plot: "none", "lstsq+bn", "sequential", ..."""
+        parts = [self.method.name] if self.method.name != "none" else []
+        if self.bn_images:
+            parts.append("bn")
+        if self.iterative_steps > 1:
+            parts.append(f"{self.iterative_steps}steps")
+        return "+".join(parts) or "none"
+
+    def describe(self) -> dict[str, Any]:
+        return {"recovery": self.method.name, "recovery_options": self.method.options(),
+                "bn_images": self.bn_images, "iterative_steps": self.iterative_steps,
+                "recovery_label": self.label}
+
+
+def _none() -> Recovery:
+    from . import get_recovery
+
+    return get_recovery("none").method
