@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -151,7 +151,8 @@ def cached_stats(model: nn.Module, sets: list[ChannelSet], images: ImageSet, gro
     """Statistics for every request group, one cache entry per group (the scorer's requests; the
     compensation's moments), so that runs differing only in compensation share the scorer's entry.
     Whatever groups are missing are collected together in one pass over the images."""
-    keys = {fingerprint("stats", content_key, sorted(map(repr, group))): group for group in groups}
+    layout = [f.name for f in fields(LayerStats)]     # entries stored with another layout are not reused
+    keys = {fingerprint("stats", content_key, sorted(map(repr, group)), layout): group for group in groups}
     found: dict[str, dict] = {}
 
     def collect_missing(key: str) -> dict[str, dict]:

@@ -35,17 +35,15 @@ class ChannelSet:
 class LayerStats:
     """What the collector accumulated for one channel set over ``num_images`` images.
 
-    Only the statistics some scorer or compensation asked for are filled in.
+    ``dead`` is always filled; ``values`` holds what was requested, under the names each statistic gives
+    (``qsfm_cli.collect``): the request's ``key`` for one value (``"rank"``, ``"chip"``, a similarity's
+    metric), ``"mean"`` and ``"gram"`` for the moments.
     """
 
     num_images: int
     dead: torch.Tensor                                   # [C] bool: map constant on every image
-    similarity: dict[str, torch.Tensor] = field(default_factory=dict)  # metric -> [C, C] mean
-    counted: dict[str, int] = field(default_factory=dict)              # metric -> images counted
-    mean: torch.Tensor | None = None                     # [C] mean over images and pixels
-    gram: torch.Tensor | None = None                     # [C, C] mean of F_i * F_j over images, pixels
-    rank: torch.Tensor | None = None                     # [C] mean matrix rank of each map (HRank)
-    chip: torch.Tensor | None = None                     # [C] mean channel independence (CHIP)
+    values: dict[str, torch.Tensor] = field(default_factory=dict)  # value name -> mean over counted images
+    counted: dict[str, int] = field(default_factory=dict)          # request key -> images counted
 
 
 @dataclass

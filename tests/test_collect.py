@@ -6,17 +6,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qsfm_cli.collect import collect_stats
+from qsfm_cli.collect import MeanStatistic, StatRequest, collect_stats, get_statistic, list_statistics, \
+    register_statistic
+from qsfm_cli.collect import base as collect_base
 from qsfm_cli.data import load_dataset
 from qsfm_cli.loaders import DeviceLoader
 from qsfm_cli.models import create_model
-from qsfm_cli.scoring import StatRequest, get_scorer, list_scorers, similarity_matrix
-from qsfm_cli.scoring.chip import channel_independence
-from qsfm_cli.scoring.hrank import map_ranks
+from qsfm_cli.collect.chip import channel_independence
+from qsfm_cli.collect.rank import map_ranks
+from qsfm_cli.scoring import get_scorer, list_scorers, similarity_matrix
 from qsfm_cli.types import ChannelSet
 
-ALL = {StatRequest.similarity(m) for m in ("ssim", "cosine", "pearson")} | {
-    StatRequest.rank(), StatRequest.chip(), StatRequest.moments()}
+# Requests of the statistics that take options; every other statistic is asked for as StatRequest(kind).
+WITH_OPTIONS = {"similarity": [StatRequest.similarity(m) for m in ("ssim", "cosine", "pearson")]}
+
+
+def requests_of(kind: str) -> list[StatRequest]:
+    return WITH_OPTIONS.get(kind) or [StatRequest(kind)]
+
+
+ALL = {r for kind in list_statistics() for r in requests_of(kind)}
 
 
 class Tiny(nn.Module):
@@ -80,21 +89,36 @@ def test_streamed_statistics_equal_the_direct_ones(images):
         layer, m = stats[cs.name], maps[cs.name]
         assert layer.num_images == 40
         for metric in ("ssim", "cosine", "pearson"):
-            torch.testing.assert_close(layer.similarity[metric], similarity_matrix(m, metric), atol=1e-6, rtol=0)
+            torch.testing.assert_close(layer.values[metric], similarity_matrix(m, metric), atol=1e-6, rtol=0)
             assert layer.counted[metric] == 40
         flat = m.flatten(2).double()
-        torch.testing.assert_close(layer.mean, flat.mean((0, 2)))
-        torch.testing.assert_close(layer.gram, torch.einsum("nip,njp->ij", flat, flat) / (40 * flat.shape[2]),
-                                   rtol=1e-6, atol=1e-8)
-        torch.testing.assert_close(layer.rank, map_ranks(m).double().mean(0))
-        torch.testing.assert_close(layer.chip, channel_independence(m).mean(0))
+        torch.testing.assert_close(layer.values["mean"], flat.mean((0, 2)))
+        torch.testing.assert_close(layer.values["gram"],
+                                   torch.einsum("nip,njp->ij", flat, flat) / (40 * flat.shape[2]), rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(layer.values["rank"], map_ranks(m).double().mean(0))
+        torch.testing.assert_close(layer.values["chip"], channel_independence(m).mean(0))
     assert stats["conv1"].dead.tolist() == [True] + [False] * 5
     assert not stats["conv3"].dead[1:].any()
 
 
+@pytest.mark.parametrize("kind", list_statistics())
+def test_every_statistic_streams_to_what_one_batch_gives(kind, images):
+    """Batches of 7 (the last one short) and one batch of all images give the same values and counts."""
+    requests = set(requests_of(kind))
+    streamed = collect_stats(Tiny(), SETS, images, requests, batch_size=7)
+    whole = collect_stats(Tiny(), SETS, images, requests, batch_size=len(images))
+    for cs in SETS:
+        assert streamed[cs.name].values.keys() == whole[cs.name].values.keys()
+        assert streamed[cs.name].counted == whole[cs.name].counted
+        assert torch.equal(streamed[cs.name].dead, whole[cs.name].dead)
+        for name, value in whole[cs.name].values.items():
+            assert value.device.type == "cpu"
+            torch.testing.assert_close(streamed[cs.name].values[name], value, rtol=1e-6, atol=1e-6)
+
+
 def test_only_requested_statistics_are_gathered(images):
     stats = collect_stats(Tiny(), SETS[:1], images, set(), batch_size=32)["conv1"]
-    assert stats.similarity == {} and stats.mean is stats.gram is stats.rank is stats.chip is None
+    assert stats.values == {} and stats.counted == {}
     assert stats.dead.tolist() == [True] + [False] * 5
 
 
@@ -118,8 +142,8 @@ def test_resnet_block_internal_maps_are_what_conv2_reads(images):
         model(next(iter(DeviceLoader(images.subset(range(8)), 8)))[0])
     handle.remove()
     expected = F.relu(block.bn1(block.conv1(inputs["x"]))).double().mean((0, 2, 3))
-    torch.testing.assert_close(stats["layer2.1.conv1"].mean, expected)
-    assert [stats[cs.name].gram.shape[0] for cs in sets] == [16] * 3 + [32] * 3 + [64] * 3
+    torch.testing.assert_close(stats["layer2.1.conv1"].values["mean"], expected)
+    assert [stats[cs.name].values["gram"].shape[0] for cs in sets] == [16] * 3 + [32] * 3 + [64] * 3
 
 
 def test_same_inputs_give_the_same_orders(images):
@@ -164,3 +188,56 @@ def test_a_tap_must_run_exactly_once_per_forward(images):
         collect_stats(Twice(), [relu], images, set())
     with pytest.raises(ValueError, match="saw 0 maps for 40 images"):
         collect_stats(Twice(), [ChannelSet("conv", 4, ("conv",), "off_path")], images, set())
+
+
+class PeakStatistic(MeanStatistic):
+    """A statistic defined outside the package: the mean over images of each map's largest value."""
+
+    kind = "peak"
+
+    def batch_sums(self, maps):
+        return {"peak": maps.flatten(2).amax(2).double().sum(0)}, len(maps)
+
+
+@pytest.fixture
+def peak(monkeypatch):
+    monkeypatch.setattr(collect_base, "_REGISTRY", dict(collect_base._REGISTRY))
+    return register_statistic(PeakStatistic)
+
+
+def test_a_registered_statistic_is_collected_and_validated(images, peak):
+    assert "peak" in list_statistics() and get_statistic("peak") is PeakStatistic
+    stats = collect_stats(Tiny(), SETS, images, {StatRequest("peak")}, batch_size=16)
+    maps = direct_maps(Tiny(), SETS, images)
+    for cs in SETS:
+        torch.testing.assert_close(stats[cs.name].values["peak"], maps[cs.name].flatten(2).amax(2).double().mean(0))
+        assert stats[cs.name].counted == {"peak": 40}
+    with pytest.raises(ValueError, match="statistic 'peak' takes no metric or params, got metric='ssim'"):
+        StatRequest("peak", "ssim")
+
+
+def test_a_second_registration_under_one_name_warns(peak):
+    with pytest.warns(UserWarning, match="statistic 'peak' registered twice"):
+        register_statistic(type("OtherPeak", (PeakStatistic,), {}))
+
+
+def test_two_statistics_yielding_one_value_name_are_refused(images, peak, monkeypatch):
+    monkeypatch.setattr(PeakStatistic, "batch_sums", lambda self, maps: ({"mean": maps.new_zeros(4)}, len(maps)))
+    with pytest.raises(ValueError, match="both yield a value named 'mean'"):
+        collect_stats(Tiny(), SETS[2:], images, {StatRequest("peak"), StatRequest.moments()})
+
+
+def test_requests_are_checked_against_the_registry():
+    with pytest.raises(ValueError, match=f"unknown statistic 'foo'; accepted: {', '.join(list_statistics())}$"):
+        StatRequest("foo")
+    with pytest.raises(ValueError, match="statistic 'rank' takes no metric or params"):
+        StatRequest("rank", params=(("window", 3),))
+    with pytest.raises(ValueError, match="unknown similarity metric 'l2'; accepted: ssim, cosine, pearson"):
+        StatRequest("similarity", "l2")
+    with pytest.raises(ValueError, match="similarity 'ssim' takes params k1, k2, sigma, window, got none"):
+        StatRequest("similarity", "ssim")
+    with pytest.raises(ValueError, match="ssim window must be a positive integer, got 2.5"):
+        StatRequest.similarity("ssim", window=2.5)
+    assert StatRequest.similarity("cosine", k1=0.5) == StatRequest("similarity", "cosine")
+    assert StatRequest.similarity("ssim", k1=1) == StatRequest.similarity("ssim", k1=1.0)
+    assert repr(StatRequest.similarity("ssim", k1=1)) == repr(StatRequest.similarity("ssim", k1=1.0))

@@ -36,8 +36,8 @@ def moments(model: nn.Module, s, x: torch.Tensor) -> LayerStats:
         model(x)
     handle.remove()
     f = maps[0].double().transpose(0, 1).reshape(s.size, -1)   # [C, images * pixels]
-    return LayerStats(num_images=len(x), dead=torch.zeros(s.size, dtype=torch.bool), mean=f.mean(1),
-                      gram=f @ f.T / f.shape[1])
+    return LayerStats(num_images=len(x), dead=torch.zeros(s.size, dtype=torch.bool),
+                      values={"mean": f.mean(1), "gram": f @ f.T / f.shape[1]})
 
 
 def output_error(model, x, keep, mode, order, ridge=1e-3):
@@ -98,8 +98,9 @@ def test_sets_without_plain_consumers_are_skipped_and_said_so():
     sets = channel_sets(model, x, "stage")
     stream = next(s for s in sets if s.name == "layer2.0.conv2")
     inner = next(s for s in sets if s.name == "layer2.0.conv1")
-    stats = {s.name: LayerStats(2, torch.zeros(s.size, dtype=torch.bool), mean=torch.zeros(s.size),
-                                gram=torch.eye(s.size)) for s in (stream, inner)}
+    stats = {s.name: LayerStats(2, torch.zeros(s.size, dtype=torch.bool),
+                                values={"mean": torch.zeros(s.size), "gram": torch.eye(s.size)})
+             for s in (stream, inner)}
     orders = {s.name: Order(removal=list(range(s.size))) for s in (stream, inner)}
     keep = {"layer2.0.conv2": list(range(16)), "layer2.0.conv1": list(range(16))}
     before = model.layer2[0].conv2.weight.clone()
@@ -120,8 +121,8 @@ def test_vgg_last_conv_folds_into_the_classifier():
     last = channel_sets(model, x)[-1]
     assert (last.tap, last.consumers) == ("pool", ("classifier.linear1",))
     mean = torch.rand(last.size, dtype=torch.float64)
-    stats = {last.name: LayerStats(4, torch.zeros(last.size, dtype=torch.bool), mean=mean,
-                                   gram=torch.outer(mean, mean) + torch.eye(last.size, dtype=torch.float64))}
+    stats = {last.name: LayerStats(4, torch.zeros(last.size, dtype=torch.bool), values={
+        "mean": mean, "gram": torch.outer(mean, mean) + torch.eye(last.size, dtype=torch.float64)})}
     bias = model.classifier.linear1.bias.clone()
     status = compensate(model, [last], stats, {last.name: Order(list(range(last.size)))},
                         {last.name: list(range(256))}, "lstsq")

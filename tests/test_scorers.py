@@ -11,11 +11,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from qsfm_cli import scoring
+from qsfm_cli.collect import chip as chip_module
+from qsfm_cli.collect.chip import channel_independence
+from qsfm_cli.collect.rank import map_ranks
 from qsfm_cli.scoring import StatRequest, get_scorer, list_scorers, qsfm_order, simscore_order, threshold_scorers
-from qsfm_cli.scoring import chip as chip_module
 from qsfm_cli.scoring.base import checked_dead
-from qsfm_cli.scoring.chip import channel_independence
-from qsfm_cli.scoring.hrank import map_ranks
 from qsfm_cli.scoring.qsfm import qsfm_steps
 from qsfm_cli.types import ChannelSet, LayerStats
 
@@ -28,11 +28,11 @@ def symmetric(c: int, upper: dict[tuple[int, int], float], fill: float = 0.0) ->
     return s
 
 
-def stats_for(S: torch.Tensor, dead: list[int] = (), key: str = "ssim", **fields) -> LayerStats:
+def stats_for(S: torch.Tensor, dead: list[int] = (), key: str = "ssim") -> LayerStats:
     c = S.shape[0]
     dead_mask = torch.zeros(c, dtype=torch.bool)
     dead_mask[list(dead)] = True
-    return LayerStats(num_images=4, dead=dead_mask, similarity={key: S}, counted={key: 4}, **fields)
+    return LayerStats(num_images=4, dead=dead_mask, values={key: S}, counted={key: 4})
 
 
 SET = ChannelSet("conv", 5, ("conv",), "next", True, ("next",))
@@ -201,7 +201,7 @@ def test_map_ranks_are_matrix_ranks():
         sum((torch.randn(8, 1, generator=g) @ torch.randn(1, 8, generator=g) for _ in range(r)),
             torch.zeros(8, 8)) for r in ranks]) for _ in range(3)])
     assert map_ranks(maps).tolist() == [ranks] * 3
-    stats = {"a": LayerStats(3, torch.zeros(4, dtype=torch.bool), rank=map_ranks(maps).double().mean(0))}
+    stats = {"a": LayerStats(3, torch.zeros(4, dtype=torch.bool), {"rank": map_ranks(maps).double().mean(0)})}
     assert get_scorer("hrank").score(nn.Identity(), [ONE], stats)["a"].removal == [0, 1, 3, 2]
 
 
@@ -220,7 +220,7 @@ def test_channel_independence_is_the_nuclear_norm_difference(side, monkeypatch):
     torch.testing.assert_close(channel_independence(maps), expected, atol=1e-9, rtol=1e-9)
     monkeypatch.setattr(chip_module, "_SVD_CHUNK_ELEMENTS", 1)
     torch.testing.assert_close(channel_independence(maps), expected, atol=1e-9, rtol=1e-9)
-    stats = {"conv": LayerStats(3, torch.zeros(5, dtype=torch.bool), chip=expected.mean(0))}
+    stats = {"conv": LayerStats(3, torch.zeros(5, dtype=torch.bool), {"chip": expected.mean(0)})}
     assert get_scorer("chip").score(nn.Identity(), [SET], stats)["conv"].removal == \
         expected.mean(0).argsort(stable=True).tolist()
 

@@ -5,8 +5,8 @@ can be removed with (almost) no change to its consumer: per pixel, the consumer 
 sum_c W[:, c] * F_c, so adding W[:, j] A[j, k] to W[:, k] reproduces the linear part exactly, and the
 constant b_j contributes b_j * (sum over the kernel of W[o, j]) to output o, which goes into the consumer's
 bias or, when it has none, is subtracted from the running mean of the BatchNorm that reads its output
-(exact away from the zero-padded border). The fits come from the streaming moments ``LayerStats.mean``
-and ``LayerStats.gram``: covariance = gram - mean mean^T.
+(exact away from the zero-padded border). The fits come from the streaming moments (``LayerStats.values``
+``"mean"`` and ``"gram"``): covariance = gram - mean mean^T.
 
 - ``twin``: F_j ~ a F_i + b with i the twin the scorer paired j with (QSFM), folded in removal order so
   that a twin removed later carries what it received; a channel without a usable twin (a dead channel)
@@ -51,8 +51,8 @@ def compensate(model: nn.Module, channel_sets: list[ChannelSet], stats: dict[str
             status[s.name] = f"skipped: {reason}"
             continue
         st = stats[s.name]
-        mean = st.mean.double().cpu()
-        cov = st.gram.double().cpu() - torch.outer(mean, mean)
+        mean = st.values["mean"].double().cpu()
+        cov = st.values["gram"].double().cpu() - torch.outer(mean, mean)
         for consumer, norm in _consumers_and_norms(s):
             layer = model.get_submodule(consumer)
             weight = layer.weight.detach().double().cpu().clone()
@@ -74,7 +74,7 @@ def _skip_reason(model: nn.Module, s: ChannelSet, st: LayerStats | None, mode: s
     if not s.consumers:
         return ("its map is not read by plain conv/linear layers only (residual stream, concatenation or "
                 "depthwise conv), so no weight can absorb the removed channels")
-    if st is None or st.mean is None or st.gram is None:
+    if st is None or not {"mean", "gram"} <= st.values.keys():
         return "no channel moments (mean, gram) were collected for it"
     if mode == "twin" and (order is None or order.twins is None):
         return "the scorer pairs no twins (only qsfm does); prune.compensate=lstsq works with any scorer"

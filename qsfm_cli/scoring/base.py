@@ -1,4 +1,4 @@
-"""What every scorer shares: the statistics it can ask the collector for, and its interface."""
+"""What every scorer shares: its interface and the ways it turns collected statistics into orders."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -7,57 +7,9 @@ from typing import ClassVar, Iterable, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ..collect.base import StatRequest
 from ..types import ChannelSet, LayerStats, Order
-from .similarity import SSIM_DEFAULTS, check_metric_options
-
-STAT_KINDS = ("similarity", "rank", "chip", "moments")
-
-
-@dataclass(frozen=True)
-class StatRequest:
-    """One statistic the collector must gather for every channel set (hashable, so requests merge).
-
-    ``similarity``: S for ``metric`` (``params`` holds the SSIM constants, empty for cosine/pearson, so
-    requests that compute the same S are equal); ``rank``: mean matrix rank per map (HRank); ``chip``:
-    mean channel independence (CHIP); ``moments``: per-channel mean and the mean of F_i * F_j (for
-    compensation).
-    """
-
-    kind: str
-    metric: str = ""
-    params: tuple[tuple[str, float], ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.kind not in STAT_KINDS:
-            raise ValueError(f"unknown statistic {self.kind!r}; accepted: {', '.join(STAT_KINDS)}")
-
-    @classmethod
-    def similarity(cls, metric: str = "ssim", *, k1: float = 0.01, k2: float = 0.03, window: int = 11,
-                   sigma: float = 1.5) -> "StatRequest":
-        check_metric_options(metric, k1, k2, window, sigma)
-        params = (("k1", float(k1)), ("k2", float(k2)), ("window", int(window)),
-                  ("sigma", float(sigma))) if metric == "ssim" else ()
-        return cls("similarity", metric, params)
-
-    @classmethod
-    def rank(cls) -> "StatRequest":
-        return cls("rank")
-
-    @classmethod
-    def chip(cls) -> "StatRequest":
-        return cls("chip")
-
-    @classmethod
-    def moments(cls) -> "StatRequest":
-        return cls("moments")
-
-    @property
-    def key(self) -> str:
-        """Key of this similarity in ``LayerStats.similarity``/``counted``: the metric's name, with the
-        SSIM constants appended only where they differ from the defaults."""
-        if dict(self.params) in ({}, SSIM_DEFAULTS):
-            return self.metric
-        return f"{self.metric}({','.join(f'{k}={v:g}' for k, v in self.params)})"
+from .similarity import check_metric_options
 
 
 @runtime_checkable
@@ -111,7 +63,7 @@ class FilterScorer(ScorerOptions):
 @dataclass(frozen=True)
 class StatisticScorer(ScorerOptions):
     """Removes first the channels with the lowest value of one collected per-channel statistic
-    (``stat``: a ``LayerStats`` field and ``StatRequest`` kind, e.g. ``rank``, ``chip``)."""
+    (``stat``: a statistic kind without options, e.g. ``rank``, ``chip``, whose value has the same name)."""
 
     stat: ClassVar[str] = ""
 
@@ -148,11 +100,11 @@ class SimilarityOptions(ScorerOptions):
         """(S as float64 on the CPU, dead channel indices) of one set, with a clear error when missing."""
         layer = _layer_stats(cs, stats)
         key = self.request.key
-        if key not in layer.similarity:
+        if key not in layer.values:
             raise KeyError(f"no {key!r} similarity collected for {cs.name!r}; collected: "
-                           f"{', '.join(layer.similarity) or 'none'} (collect with this scorer's requests())")
+                           f"{', '.join(layer.values) or 'none'} (collect with this scorer's requests())")
         dead = layer.dead.nonzero().flatten().tolist()
-        return layer.similarity[key].detach().to("cpu", torch.float64), dead
+        return layer.values[key].detach().to("cpu", torch.float64), dead
 
     def score(self, model: nn.Module, channel_sets: list[ChannelSet],
               stats: dict[str, LayerStats]) -> dict[str, Order]:
@@ -183,12 +135,12 @@ def ascending_order(importance: torch.Tensor) -> Order:
     return Order(removal=order.tolist())
 
 
-def collected(cs: ChannelSet, stats: dict[str, LayerStats], field: str) -> torch.Tensor:
-    """A per-channel statistic (``rank``/``chip``) of one set, with a clear error when it is missing."""
-    value = getattr(_layer_stats(cs, stats), field)
-    if value is None:
-        raise KeyError(f"no {field!r} statistic collected for {cs.name!r} (collect with the scorer's requests())")
-    return value
+def collected(cs: ChannelSet, stats: dict[str, LayerStats], name: str) -> torch.Tensor:
+    """A collected value (e.g. ``rank``, ``chip``) of one set, with a clear error when it is missing."""
+    values = _layer_stats(cs, stats).values
+    if name not in values:
+        raise KeyError(f"no {name!r} statistic collected for {cs.name!r} (collect with the scorer's requests())")
+    return values[name]
 
 
 def producer_filters(model: nn.Module, cs: ChannelSet) -> torch.Tensor:

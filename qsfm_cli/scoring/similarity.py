@@ -90,12 +90,6 @@ def layer_range(maps: torch.Tensor) -> torch.Tensor:
     return flat.amax(1) - flat.amin(1)
 
 
-def constant_channels(maps: torch.Tensor) -> torch.Tensor:
-    """[N, C] bool: the map of channel c on image n is constant (max == min)."""
-    flat = maps.flatten(2)
-    return flat.amax(2) == flat.amin(2)
-
-
 def _correlation_sums(x: torch.Tensor, *, centered: bool) -> torch.Tensor:
     """Sum over images of the cosine (or, centred, Pearson) matrix; 0 for a zero (constant) map."""
     flat = x.flatten(2)

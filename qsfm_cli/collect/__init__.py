@@ -1,22 +1,23 @@
 """The streaming collector: one pass over the images, every channel set at once, O(sum C^2) memory.
 
-Hooks at each set's ``tap`` hand every batch's maps to an accumulator that folds them into running sums
-and lets them go, so no layer's maps outlive its batch.
+Hooks at each set's ``tap`` hand every batch's maps to one accumulator per requested statistic, which folds
+them into running sums and lets them go, so no layer's maps outlive its batch. The statistics are plug-ins
+in the style of ``qsfm_cli.scoring``: each is a class in its own module of this package, registered with
+``@register_statistic``; every module here is imported below, so adding a statistic is one file.
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections import defaultdict
 
 import torch
 from torch import nn
 
-from .data import ImageSet
-from .loaders import DeviceLoader
-from .scoring.base import StatRequest
-from .scoring.chip import channel_independence
-from .scoring.hrank import map_ranks
-from .scoring.similarity import constant_channels, similarity_sums
-from .types import ChannelSet, LayerStats
+from ..data import ImageSet
+from ..loaders import DeviceLoader
+from ..types import ChannelSet, LayerStats
+from .base import MeanStatistic, Statistic, StatRequest, get_statistic, list_statistics, register_statistic
 
 
 def collect_stats(model: nn.Module, channel_sets: list[ChannelSet], images: ImageSet,
@@ -29,9 +30,10 @@ def collect_stats(model: nn.Module, channel_sets: list[ChannelSet], images: Imag
     """
     if len(images) == 0:
         raise ValueError("no images to collect statistics on")
+    requests = sorted(set(requests) | {StatRequest("dead")}, key=repr)
     device = torch.device(device)
-    accumulators = {cs.name: _LayerAccumulator(cs, requests) for cs in channel_sets}
-    taps: dict[tuple[str, bool], list[_LayerAccumulator]] = defaultdict(list)
+    accumulators = {cs.name: _SetAccumulator(cs, requests) for cs in channel_sets}
+    taps: dict[tuple[str, bool], list[_SetAccumulator]] = defaultdict(list)
     for cs in channel_sets:
         taps[cs.tap, cs.tap_input].append(accumulators[cs.name])
     was_training = model.training
@@ -57,7 +59,7 @@ def collect_stats(model: nn.Module, channel_sets: list[ChannelSet], images: Imag
     return {name: acc.result() for name, acc in accumulators.items()}
 
 
-def _hook(model: nn.Module, tap: str, tap_input: bool, group: list["_LayerAccumulator"]):
+def _hook(model: nn.Module, tap: str, tap_input: bool, group: list["_SetAccumulator"]):
     try:
         module = model.get_submodule(tap)
     except AttributeError:
@@ -72,38 +74,19 @@ def _hook(model: nn.Module, tap: str, tap_input: bool, group: list["_LayerAccumu
     return module.register_forward_hook(lambda _module, _args, output: feed(output))
 
 
-class _LayerAccumulator:
-    """Running sums of one channel set's statistics; float64 so that long runs do not drift."""
+class _SetAccumulator:
+    """One channel set's statistics, one accumulator per request."""
 
-    def __init__(self, cs: ChannelSet, requests: set[StatRequest]):
+    def __init__(self, cs: ChannelSet, requests: list[StatRequest]):
         self.cs = cs
-        self.kinds = {r.kind for r in requests}
-        self.similarity = [r for r in requests if r.kind == "similarity"]
         self.num_images = 0
-        self.counted = {r: 0 for r in self.similarity}
-        self.sums: dict[str | StatRequest, torch.Tensor] = {}
-        self.alive: torch.Tensor | None = None
+        self.statistics = {r: get_statistic(r.kind)(r, cs.size) for r in requests}
 
     def update(self, maps: torch.Tensor) -> None:
         maps = self._as_maps(maps)
         self.num_images += len(maps)
-        alive = (~constant_channels(maps)).any(0)
-        self.alive = alive if self.alive is None else self.alive | alive
-        for request in self.similarity:
-            total, counted = similarity_sums(maps, request.metric, **dict(request.params))
-            self._add(request, total)
-            self.counted[request] += counted
-        if "rank" in self.kinds:
-            self._add("rank", map_ranks(maps).sum(0, dtype=torch.float64))
-        if "chip" in self.kinds:
-            self._add("chip", channel_independence(maps).sum(0))
-        if "moments" in self.kinds:
-            flat = maps.flatten(2).double()
-            self._add("mean", flat.mean(2).sum(0))
-            self._add("gram", torch.bmm(flat, flat.transpose(1, 2)).sum(0) / flat.shape[2])
-
-    def _add(self, key: str | StatRequest, value: torch.Tensor) -> None:
-        self.sums[key] = self.sums[key] + value if key in self.sums else value
+        for statistic in self.statistics.values():
+            statistic.update(maps)
 
     def _as_maps(self, maps: torch.Tensor) -> torch.Tensor:
         maps = maps.detach()
@@ -115,11 +98,19 @@ class _LayerAccumulator:
         return maps.float() if maps.dtype in (torch.float16, torch.bfloat16) else maps
 
     def result(self) -> LayerStats:
-        mean_of = {k: v.cpu() / self.num_images for k, v in self.sums.items() if isinstance(k, str)}
-        return LayerStats(
-            num_images=self.num_images,
-            dead=~self.alive.cpu(),
-            similarity={r.key: self.sums[r].cpu() / max(self.counted[r], 1) for r in self.similarity},
-            counted={r.key: self.counted[r] for r in self.similarity},
-            mean=mean_of.get("mean"), gram=mean_of.get("gram"), rank=mean_of.get("rank"), chip=mean_of.get("chip"),
-        )
+        values: dict[str, torch.Tensor] = {}
+        owner: dict[str, StatRequest] = {}
+        for request, statistic in self.statistics.items():
+            for name, value in statistic.result().items():
+                if name in values:
+                    raise ValueError(f"statistics {owner[name]} and {request} both yield a value named {name!r}")
+                values[name], owner[name] = value, request
+        counted = {r.key: s.counted for r, s in self.statistics.items() if r.kind != "dead"}
+        return LayerStats(num_images=self.num_images, dead=values.pop("dead"), values=values, counted=counted)
+
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["MeanStatistic", "StatRequest", "Statistic", "collect_stats", "get_statistic", "list_statistics",
+           "register_statistic"]
