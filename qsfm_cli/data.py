@@ -6,10 +6,12 @@ in batched tensor ops (``qsfm_cli.loaders``), so the same data serves training, 
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -73,46 +75,164 @@ VERIFY_MODES = (True, False, "auto")
 
 
 def _cifar(name: str, root: str | None, *, download: bool, verify: bool | str) -> tuple[ImageSet, ImageSet]:
-    """torchvision's CIFAR. ``verify``: ``True`` refuses files whose MD5 differs from torchvision's list;
+    """CIFAR from torchvision's python batches. ``verify``: ``True`` refuses files whose MD5 differs from
+    torchvision's list (and downloads the archive when ``download`` and they are missing or differ);
     ``False`` skips the check; ``"auto"`` checks, and when a local copy fails it (a copy rebuilt from a
-    lossless export, or holding only some training batches) uses it with a warning saying so."""
+    lossless export, or holding only some training batches) uses it with a warning saying so. Whatever
+    ``verify`` says, the batches are read by ``load_cifar_pickle``, which runs no code from the files."""
     from torchvision import datasets
 
     if verify not in VERIFY_MODES:
         raise ValueError(f"dataset.verify={verify!r}; accepted: true, false, auto")
     base = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     root = str(Path(root or "data").expanduser())
-
-    class Unverified(base):  # type: ignore[misc, valid-type]
-        """torchvision's CIFAR without its MD5 check; a copy that holds only some of the training batches
-        serves those."""
-
-        def __init__(self, root: str, **kwargs):
-            folder = Path(root) / self.base_folder
-            self.train_list = [e for e in base.train_list if (folder / e[0]).is_file()]
-            super().__init__(root, **kwargs)
-
-        def _check_integrity(self) -> bool:
-            folder = Path(self.root) / self.base_folder
-            return bool(self.train_list) and all((folder / f).is_file() for f, _ in self.test_list)
-
-    cls = base
+    folder = Path(root) / base.base_folder
+    meta = base.meta["filename"]
+    tests = [f for f, _ in base.test_list]
     if verify is False or (verify == "auto" and _local_copy_unverified(base, root)):
-        cls = Unverified
+        trains = [f for f, _ in base.train_list if (folder / f).is_file()]
+        absent = [f for f in tests + [meta] if not (folder / f).is_file()]
+        absent += [] if trains else ["every training batch"]
+        if absent:
+            raise _cifar_not_found(name, root, base, f"missing: {', '.join(absent)}")
+    else:
+        trains = [f for f, _ in base.train_list]
+        damaged = _damaged_files(base, folder)
+        if damaged and download:
+            from torchvision.datasets.utils import download_and_extract_archive
+
+            try:
+                download_and_extract_archive(base.url, root, filename=base.filename, md5=base.tgz_md5)
+            except (RuntimeError, OSError) as err:   # no network; a corrupt download
+                raise _cifar_not_found(name, root, base, f"download failed: {err}") from None
+            damaged = _damaged_files(base, folder)
+        if damaged:
+            raise _cifar_not_found(name, root, base, f"missing or MD5 differs: {', '.join(damaged)}")
+    classes = load_cifar_pickle(folder / meta).get(base.meta["key"])
+    if not isinstance(classes, list) or not classes:
+        raise ValueError(f"{folder / meta} is not CIFAR's metadata: it has no list {base.meta['key']!r}")
     mean, std = (CIFAR_MEAN, CIFAR_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
-    splits = []
-    for train in (True, False):
-        try:
-            ds = cls(root, train=train, download=download and cls is base)
-        except (RuntimeError, OSError) as err:   # missing files; a download without a network
-            raise FileNotFoundError(
-                f"{name} not found under dataset.root={root!r} ({err}); point dataset.root at a folder "
-                f"holding {base.base_folder}/ (dataset.verify=true refuses a copy whose checksums differ)"
-            ) from None
-        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-        labels = torch.as_tensor(ds.targets, dtype=torch.long)
-        splits.append(ImageSet(images, labels, len(ds.classes), mean, std, name))
+    splits = [ImageSet(*_cifar_batches(folder, files, len(classes)), len(classes), mean, std, name)
+              for files in (trains, tests)]
     return splits[0], splits[1]
+
+
+def _cifar_not_found(name: str, root: str, base: type, why: str) -> FileNotFoundError:
+    return FileNotFoundError(f"{name} not found under dataset.root={root!r} ({why}); point dataset.root at a "
+                             f"folder holding {base.base_folder}/ (dataset.verify=true refuses a copy whose "
+                             f"checksums differ)")
+
+
+def _damaged_files(base: type, folder: Path) -> list[str]:
+    """The batches and metadata file that are missing or whose MD5 differs from torchvision's list."""
+    from torchvision.datasets.utils import check_integrity
+
+    expected = base.train_list + base.test_list + [[base.meta["filename"], base.meta["md5"]]]
+    return [f for f, md5 in expected if not check_integrity(str(folder / f), md5)]
+
+
+def _cifar_batches(folder: Path, files: list[str], num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``[N, 3, 32, 32]`` uint8 and labels ``[N]`` of the batches ``files``, each checked."""
+    images, labels = [], []
+    for file in files:
+        path = folder / file
+        batch = load_cifar_pickle(path)
+        data = batch.get("data")
+        targets = batch.get("labels", batch.get("fine_labels"))
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+                and data.shape[1] == 3 * 32 * 32):
+            raise ValueError(f"{path} is not a CIFAR batch: no uint8 'data' array of shape [N, 3072]")
+        if not isinstance(targets, list) or len(targets) != len(data) or \
+                not all(isinstance(t, int) and 0 <= t < num_classes for t in targets):
+            raise ValueError(f"{path} is not a CIFAR batch: its labels are not {len(data)} integers in "
+                             f"[0, {num_classes})")
+        images.append(torch.from_numpy(data).view(-1, 3, 32, 32))
+        labels.append(torch.as_tensor(targets, dtype=torch.long))
+    return torch.cat(images), torch.cat(labels)
+
+
+class _Refused(Exception):
+    """A pickle names a global outside ``_PICKLE_GLOBALS``."""
+
+
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """How Python 3 pickles bytes at protocol 2 (``_codecs.encode(text, "latin1")``), and nothing else."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise _Refused(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+# What pickled numpy arrays need: the array reconstructor (protocols 0-4) or the buffer reader (protocol 5),
+# each named by numpy 1's or numpy 2's module path and taken from how numpy pickles an array, which works
+# under both; the array type and the dtype; and how Python 3 writes bytes at protocol 2. Resolved here, so
+# that unpickling imports nothing a file names.
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]
+_FROMBUFFER = np.zeros(0).__reduce_ex__(5)[0]
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_bytes,
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        try:
+            return _PICKLE_GLOBALS[module, name]
+        except KeyError:
+            raise _Refused(f"{module}.{name}") from None
+
+
+def load_cifar_pickle(path: str | Path) -> dict:
+    """One of CIFAR's python files (a batch or the metadata), unpickled without running code: globals other
+    than numpy's array constructors (``_PICKLE_GLOBALS``) are refused before they are looked up, and what comes out may hold only
+    dicts, lists, strings, bytes, ints and integer numpy arrays. Anything else, or a truncated file, is a
+    ``ValueError`` naming the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            obj = _BatchUnpickler(f, encoding="latin1").load()
+    except _Refused as err:
+        raise ValueError(f"{path} is not a CIFAR file: it holds {err} (refused unrun; a CIFAR file holds only "
+                         f"dicts, lists, strings, bytes, ints and integer numpy arrays)") from None
+    except OSError:
+        raise
+    except Exception as err:   # what a truncated or garbled pickle raises varies with where it breaks
+        raise ValueError(f"{path} is truncated or not a pickle ({type(err).__name__}: {err})") from None
+    held = _foreign_content(obj)
+    if held or not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a CIFAR file: it holds {held or _describe(obj)} (a CIFAR file is a dict "
+                         f"of lists, strings, bytes, ints and integer numpy arrays)")
+    return obj
+
+
+def _foreign_content(obj) -> str:
+    """What in ``obj`` a CIFAR file never holds ("" when nothing)."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, np.ndarray):
+            if item.dtype.kind not in "ui":
+                return _describe(item)
+        elif type(item) not in (str, bytes, int):
+            return _describe(item)
+    return ""
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, np.ndarray):
+        return f"a numpy array of {obj.dtype}"
+    kind = type(obj)
+    return f"a {kind.__name__}" if kind.__module__ == "builtins" else f"a {kind.__module__}.{kind.__qualname__}"
 
 
 def _local_copy_unverified(base: type, root: str) -> bool:
