@@ -189,15 +189,15 @@ class _BatchUnpickler(pickle.Unpickler):
 
 def load_cifar_pickle(path: str | Path) -> dict:
     """One of CIFAR's python files (a batch or the metadata), unpickled without running code: globals other
-    than numpy's array constructors (``_PICKLE_GLOBALS``) are refused before they are looked up, and what comes out may hold only
-    dicts, lists, strings, bytes, ints and integer numpy arrays. Anything else, or a truncated file, is a
-    ``ValueError`` naming the file."""
+    than numpy's array constructors (``_PICKLE_GLOBALS``) are refused before they are looked up, and what
+    comes out may hold only dicts, lists, strings, bytes, ints and integer numpy arrays. Anything else, or
+    a truncated file, is a ``ValueError`` naming the file."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
             obj = _BatchUnpickler(f, encoding="latin1").load()
     except _Refused as err:
-        raise ValueError(f"{path} is not a CIFAR file: it holds {err} (refused unrun; a CIFAR file holds only "
+        raise ValueError(f"{path} is not a CIFAR file: it holds {err} (refused, nothing run; a CIFAR file holds only "
                          f"dicts, lists, strings, bytes, ints and integer numpy arrays)") from None
     except OSError:
         raise
