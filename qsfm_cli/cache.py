@@ -81,8 +81,14 @@ class Cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
             if path.is_file():
-                log.info("cache hit: %s/%s", kind, key)
-                return torch.load(path, map_location="cpu", weights_only=True), True
+                try:
+                    value = torch.load(path, map_location="cpu", weights_only=True)
+                except Exception as err:     # truncated, overwritten, from another torch: recompute it
+                    log.warning("cache entry %s cannot be read (%s: %s); recomputing it", path,
+                                type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                else:
+                    log.info("cache hit: %s/%s", kind, key)
+                    return value, True
             value = compute()
             atomic_write(path, lambda f: torch.save(value, f))
             log.info("cache miss: %s/%s (stored)", kind, key)

@@ -3,6 +3,7 @@ concurrent job never leaves a half-written result behind."""
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
@@ -29,19 +30,28 @@ _UMASK = _read_umask()
 
 
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write through ``write(fileobj)`` into a temp file beside ``path``, then rename it over ``path``."""
+    """Write through ``write(fileobj)`` into a temp file beside ``path``, then rename it over ``path``.
+
+    A full disk is ``OSError(ENOSPC, "no space left on <path>")``, whether the OS says so or torch.save's
+    stream writer does (a ``RuntimeError`` from ``inline_container.cc`` naming only the archive's member).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600 files; results are for sharing
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+        if full or (isinstance(err, RuntimeError) and "inline_container.cc" in str(err)):
+            raise OSError(errno.ENOSPC, f"no space left on {path}") from err
         raise
 
 
