@@ -7,8 +7,8 @@ the same class folders (ILSVRC-12's flat validation folder has to be sorted into
 
 A ``FolderSet`` holds file names and labels only. Images are decoded by ``DataLoader`` workers
 (``qsfm_cli.loaders``): training with ``RandomResizedCrop(crop_size)`` + horizontal flip, evaluation with a
-resize of the shorter side to ``resize_size`` + a centre crop of ``crop_size``, both to uint8 tensors that
-the loader normalizes on the device. ``FolderSet.sample`` decodes a seeded sample of its images with the
+resize of the shorter side to ``resize_size`` + a centre crop of ``crop_size`` (resampling with
+``interpolation``), both to uint8 tensors that the loader normalizes on the device. ``FolderSet.sample`` decodes a seeded sample of its images with the
 evaluation transform into an in-memory ``ImageSet``, so feature collection, BatchNorm re-estimation and
 sensitivity slices work on it unchanged.
 
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")   # any case
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
 
 
 class UnreadableImageError(ValueError):
@@ -101,6 +102,7 @@ class FolderSet:
     name: str = ""
     crop_size: int = 224
     resize_size: int = 256
+    interpolation: str = "bilinear"
     num_workers: int = 8
 
     @property
@@ -122,10 +124,11 @@ class FolderSet:
         crop."""
         from torchvision import transforms as T
 
+        mode = T.InterpolationMode(self.interpolation)
         if train:
-            steps = [T.RandomResizedCrop(self.crop_size), T.RandomHorizontalFlip()]
+            steps = [T.RandomResizedCrop(self.crop_size, interpolation=mode), T.RandomHorizontalFlip()]
         else:
-            steps = [T.Resize(self.resize_size), T.CenterCrop(self.crop_size)]
+            steps = [T.Resize(self.resize_size, interpolation=mode), T.CenterCrop(self.crop_size)]
         return T.Compose([*steps, T.PILToTensor()])
 
     def items(self, train: bool) -> FolderItems:
@@ -152,7 +155,8 @@ class FolderSet:
         """Identity of the images for cache keys: class names, file names, labels and transform sizes (not
         the file bytes: hashing a million images would take longer than the work it saves)."""
         names = torch.from_numpy(np.frombuffer(self.files.tobytes(), dtype=np.uint8).copy())
-        return fingerprint("folder", list(self.classes), names, self.labels, self.crop_size, self.resize_size)
+        return fingerprint("folder", list(self.classes), names, self.labels, self.crop_size, self.resize_size,
+                           self.interpolation)
 
 
 def scan_split(folder: Path, classes: Sequence[str] | None = None) -> tuple[tuple[str, ...], np.ndarray, torch.Tensor]:
@@ -195,14 +199,16 @@ def _few(names: list[str]) -> str:
 
 
 def load_imagefolder(root: str, *, name: str = "imagefolder", train_dir: str = "train", val_dir: str = "val",
-                     crop_size: int = 224, resize_size: int = 256, num_workers: int = 8,
-                     num_classes: int | None = None, mean: Sequence[float] = IMAGENET_MEAN,
+                     crop_size: int = 224, resize_size: int = 256, interpolation: str = "bilinear",
+                     num_workers: int = 8, num_classes: int | None = None, mean: Sequence[float] = IMAGENET_MEAN,
                      std: Sequence[float] = IMAGENET_STD) -> tuple[FolderSet, FolderSet]:
     """``(train, val)`` of an image folder; ``num_classes``, when given, must match the class folders."""
     checks = [
         (crop_size >= 1, f"dataset.crop_size={crop_size}; must be >= 1"),
         (resize_size >= crop_size, f"dataset.resize_size={resize_size} is smaller than dataset.crop_size="
                                    f"{crop_size}: the centre crop would not fit"),
+        (interpolation in INTERPOLATIONS, f"dataset.interpolation={interpolation!r}; accepted: "
+                                          f"{', '.join(INTERPOLATIONS)}"),
         (num_workers >= 0, f"dataset.num_workers={num_workers}; must be >= 0"),
         (len(mean) == 3 and len(std) == 3 and all(s > 0 for s in std),
          f"dataset.mean={list(mean)}, dataset.std={list(std)}: three values each, std > 0"),
@@ -211,6 +217,10 @@ def load_imagefolder(root: str, *, name: str = "imagefolder", train_dir: str = "
         if not ok:
             raise ValueError(message)
     base = Path(root).expanduser()
+    for split in (train_dir, val_dir):
+        if not (base / split).is_dir():
+            raise FileNotFoundError(f"{base / split} not found: dataset.root={str(root)!r} must hold {train_dir}/ "
+                                    f"and {val_dir}/, one sub-folder per class in each")
     classes, train_files, train_labels = scan_split(base / train_dir)
     if num_classes is not None and num_classes != len(classes):
         raise ValueError(f"dataset.num_classes={num_classes} but {base / train_dir} has {len(classes)} class "
@@ -219,6 +229,6 @@ def load_imagefolder(root: str, *, name: str = "imagefolder", train_dir: str = "
     log.info("%s: %d training and %d validation images in %d classes under %s", name, len(train_files),
              len(val_files), len(classes), base)
     common = dict(classes=classes, mean=tuple(mean), std=tuple(std), name=name, crop_size=crop_size,
-                  resize_size=resize_size, num_workers=num_workers)
+                  resize_size=resize_size, interpolation=interpolation, num_workers=num_workers)
     return (FolderSet(base / train_dir, train_files, train_labels, **common),
             FolderSet(base / val_dir, val_files, val_labels, **common))
