@@ -1,9 +1,9 @@
 """Data-parallel training on several GPUs and nodes: torchrun (or srun) + DistributedDataParallel.
 
 A launcher starts one process per GPU and describes the job in environment variables: torchrun sets
-``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``; under SLURM (srun, or Hydra's
-submitit launcher with several tasks per node) submitit's ``TorchDistributedEnvironment`` derives them from
-the SLURM variables. ``init()`` joins that process group (NCCL for CUDA tensors, Gloo for CPU ones) and
+``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``; in a job of Hydra's submitit
+launcher with several tasks (``hydra/launcher=slurm_multigpu``) submitit's ``TorchDistributedEnvironment``
+derives them from the SLURM variables. (A hand-written SLURM script runs torchrun on each node.) ``init()`` joins that process group (NCCL for CUDA tensors, Gloo for CPU ones) and
 pins each process to its GPU; without a launcher it is a no-op and everything runs in one process.
 
 Every rank runs the whole pipeline: the pruning stages are deterministic, so each rank builds the same
@@ -55,8 +55,10 @@ def current() -> Context:
 
 
 def launched() -> bool:
-    """Whether a launcher started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
+    """Whether a launcher started this process as one of several: torchrun, or submitit on SLURM."""
+    env = os.environ
+    return int(env.get("WORLD_SIZE", "1")) > 1 or (env.get("SUBMITIT_EXECUTOR") == "slurm"
+                                                   and int(env.get("SLURM_NTASKS", "1")) > 1)
 
 
 def init() -> Context:
@@ -64,7 +66,7 @@ def init() -> Context:
     global _start_time
     if not launched() or (dist.is_available() and dist.is_initialized()):
         return current()
-    if "WORLD_SIZE" not in os.environ:   # an srun task: derive torch's variables from SLURM's
+    if "WORLD_SIZE" not in os.environ:   # a submitit task: derive torch's variables from SLURM's
         from submitit.helpers import TorchDistributedEnvironment
 
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

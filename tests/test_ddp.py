@@ -15,14 +15,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from torch import nn
 
 from qsfm_cli import distributed
 from qsfm_cli import train as train_mod
+from qsfm_cli.app import config_dir
 from qsfm_cli.data import load_dataset
-from qsfm_cli.models import create_model
 from qsfm_cli.loaders import DeviceLoader, TorchvisionLoader, shard_positions
+from qsfm_cli.models import create_model
 from qsfm_cli.train import LOG_FILE, STATE_FILE, TrainRecipe, train
+
+from .test_sweep import no_submission  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = TrainRecipe(epochs=2, batch_size=16, lr=0.05, amp="none", channels_last=False, weight_decay=5e-4,
@@ -108,8 +113,12 @@ def ddp_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     _run_ranks(2, out)
     single = out / "single"
-    model = Net()
-    train(model, *data(), RECIPE, device="cpu", seed=0, run_dir=single, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                 # as each rank: the same float rounding, and a shared machine
+    try:
+        train(Net(), *data(), RECIPE, device="cpu", seed=0, run_dir=single, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return out, single
 
 
@@ -193,6 +202,37 @@ def test_cuda_index_other_than_the_local_rank_is_refused():
     assert distributed.rank_device("cuda", ctx) == torch.device("cuda", 1)
     with pytest.raises(ValueError, match="device=cuda:0 under a multi-process launcher"):
         distributed.rank_device("cuda:0", ctx)
+
+
+def test_a_submitit_task_joins_with_slurms_rank_and_size(monkeypatch):
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]",
+             "SLURM_NTASKS": "16", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_PROCID": "9",
+             "SLURM_LOCALID": "1"}
+    environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                 "MASTER_ADDR", "MASTER_PORT")}
+    monkeypatch.setattr(os, "environ", {**environ, **slurm})
+    monkeypatch.setattr(distributed, "_start_time", None)       # restored: init() sets the shared clock
+    joined = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: joined.append(backend))
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda objects, src: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    distributed.init()
+    assert joined == ["gloo"]
+    assert {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")} == \
+        {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07"}
+
+
+def test_multigpu_slurm_launcher_asks_one_task_per_gpu(no_submission, tmp_path):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm_multigpu", "hydra.launcher.nodes=2",
+                                           f"hydra.sweep.dir={tmp_path}", "experiment=smoke"],
+                      return_hydra_config=True)
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.setup(hydra_context=None, task_function=None, config=cfg)
+    launcher.launch([["seed=0"]], 0)
+    sbatch = no_submission["executor"]._executor._make_submission_file_text("python -u job.py", "uid")
+    for line in ("--nodes=2", "--gpus-per-node=8", "--ntasks-per-node=8", "--cpus-per-task=10"):
+        assert f"#SBATCH {line}" in sbatch
 
 
 # ------------------------------------------------------------------------------------------------- Hydra
