@@ -1,10 +1,11 @@
-"""Data-parallel training on several GPUs and nodes: torchrun (or srun) + DistributedDataParallel.
+"""Data-parallel training on several GPUs and nodes: torchrun (or submitit) + DistributedDataParallel.
 
 A launcher starts one process per GPU and describes the job in environment variables: torchrun sets
 ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``; in a job of Hydra's submitit
 launcher with several tasks (``hydra/launcher=slurm_multigpu``) submitit's ``TorchDistributedEnvironment``
-derives them from the SLURM variables. (A hand-written SLURM script runs torchrun on each node.) ``init()`` joins that process group (NCCL for CUDA tensors, Gloo for CPU ones) and
-pins each process to its GPU; without a launcher it is a no-op and everything runs in one process.
+derives them from the SLURM variables (a hand-written SLURM script runs torchrun on each node instead).
+``init()`` joins that process group (NCCL for CUDA tensors, Gloo for CPU ones) and pins each process to its
+GPU; without a launcher it is a no-op and everything runs in one process.
 
 Every rank runs the whole pipeline: the pruning stages are deterministic, so each rank builds the same
 pruned model (and the shared cache lets them reuse one computation); only fine-tuning splits the work.

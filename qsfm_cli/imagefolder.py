@@ -8,9 +8,9 @@ the same class folders (ILSVRC-12's flat validation folder has to be sorted into
 A ``FolderSet`` holds file names and labels only. Images are decoded by ``DataLoader`` workers
 (``qsfm_cli.loaders``): training with ``RandomResizedCrop(crop_size)`` + horizontal flip, evaluation with a
 resize of the shorter side to ``resize_size`` + a centre crop of ``crop_size`` (resampling with
-``interpolation``), both to uint8 tensors that the loader normalizes on the device. ``FolderSet.sample`` decodes a seeded sample of its images with the
-evaluation transform into an in-memory ``ImageSet``, so feature collection, BatchNorm re-estimation and
-sensitivity slices work on it unchanged.
+``interpolation``), both to uint8 tensors that the loader normalizes on the device. ``FolderSet.sample``
+decodes a seeded sample of its images with the evaluation transform into an in-memory ``ImageSet``, so
+feature collection, BatchNorm re-estimation and sensitivity slices work on it unchanged.
 
 Every image is converted to RGB (grayscale, CMYK, palette and RGBA files alike). A file that cannot be
 decoded stops the run with ``UnreadableImageError`` naming it, rather than being skipped: a skipped image

@@ -7,10 +7,11 @@ after every epoch (and on Ctrl-C or SIGTERM, mid-epoch), ``resume=True`` continu
 stopped (data order and augmentation are functions of ``(seed, epoch)``, RNG states are saved), and a
 NaN/inf loss stops the run without touching the last good checkpoint.
 
-Under a multi-process launcher (torchrun, srun; see ``qsfm_cli.distributed``) the same loop trains data-
-parallel: each rank reads its share of every global batch of ``batch_size`` images, gradients are averaged
-by DistributedDataParallel, epoch metrics and test accuracy are summed over the ranks, and only rank 0
-writes the checkpoint and the log. BatchNorm statistics are per rank, as in torchvision's ImageNet recipe.
+Under a multi-process launcher (torchrun, or Hydra's submitit launcher on SLURM; see
+``qsfm_cli.distributed``) the same loop trains data-parallel: each rank reads its share of every global
+batch of ``batch_size`` images, gradients are averaged by DistributedDataParallel, epoch metrics and test
+accuracy are summed over the ranks, and only rank 0 writes the checkpoint and the log. BatchNorm
+statistics are per rank, as in torchvision's ImageNet recipe.
 """
 from __future__ import annotations
 
