@@ -5,13 +5,17 @@ import itertools
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .data import ImageSet
-from .loaders import DeviceLoader
+from .loaders import input_shape, make_loader
+
+if TYPE_CHECKING:
+    from .imagefolder import FolderSet
 
 
 @dataclass
@@ -45,12 +49,12 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, ds: ImageSet, *, device: str | torch.device = "cpu",
+def accuracy(model: nn.Module, ds: ImageSet | FolderSet, *, device: str | torch.device = "cpu",
              batch_size: int = 500) -> tuple[float, float]:
     """Top-1 and top-5 accuracy in percent on every image of ``ds``."""
     model.eval()
     hits1 = hits5 = 0
-    for x, y in DeviceLoader(ds, batch_size, device=device):
+    for x, y in make_loader(ds, batch_size, device=device, train=False, path="device"):
         top = model(x).topk(min(5, ds.num_classes), dim=1).indices
         hits1 += (top[:, 0] == y).sum().item()
         hits5 += (top == y[:, None]).any(dim=1).sum().item()
@@ -89,12 +93,12 @@ def latency_ms(model: nn.Module, batch_size: int, *, device: str | torch.device 
     return statistics.median(forward_ms(model, x) for _ in range(repeats))
 
 
-def evaluate(model: nn.Module, test: ImageSet, *, device: str | torch.device = "cpu",
+def evaluate(model: nn.Module, test: ImageSet | FolderSet, *, device: str | torch.device = "cpu",
              latency_batches: tuple[int, ...] = (1, 64), latency_repeats: int = 20,
              batch_size: int = 500, known_accuracy: tuple[float, float] | None = None) -> Metrics:
     """Accuracy on the whole ``test`` split (unless ``known_accuracy`` gives top-1/top-5 already
     measured on it), MACs/params at its image size, latency per batch size."""
-    hw = tuple(test.images.shape[-2:])
+    hw = input_shape(test)[1:]
     top1, top5 = known_accuracy or accuracy(model, test, device=device, batch_size=batch_size)
     latency = {f"b{b}": latency_ms(model, b, device=device, input_hw=hw, repeats=latency_repeats)
                for b in latency_batches}

@@ -3,9 +3,15 @@
 SGD (momentum, optional Nesterov, weight decay), cross-entropy with optional label smoothing, a per-step
 schedule (``step`` milestones or ``cosine``, both with optional linear warm-up), mixed precision,
 channels_last and the device-resident data path. Long runs are safe: a checkpoint is written atomically
-after every epoch (and on Ctrl-C, mid-epoch), ``resume=True`` continues bit-for-bit where the run stopped
-(data order and augmentation are functions of ``(seed, epoch)``, RNG states are saved), and a NaN/inf
-loss stops the run without touching the last good checkpoint.
+after every epoch (and on Ctrl-C or SIGTERM, mid-epoch), ``resume=True`` continues bit-for-bit where the run
+stopped (data order and augmentation are functions of ``(seed, epoch)``, RNG states are saved), and a
+NaN/inf loss stops the run without touching the last good checkpoint.
+
+Under a multi-process launcher (torchrun, or Hydra's submitit launcher on SLURM; see
+``qsfm_cli.distributed``) the same loop trains data-parallel: each rank reads its share of every global
+batch of ``batch_size`` images, gradients are averaged by DistributedDataParallel, epoch metrics and test
+accuracy are summed over the ranks, and only rank 0 writes the checkpoint and the log. BatchNorm
+statistics are per rank, as in torchvision's ImageNet recipe.
 """
 from __future__ import annotations
 
@@ -18,18 +24,22 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .cache import model_fingerprint
 from .data import ImageSet
 from .loaders import PATHS, DeviceLoader, TorchvisionLoader, make_loader
 from .outputs import atomic_write
+
+if TYPE_CHECKING:
+    from .imagefolder import FolderSet
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +48,7 @@ AMP_MODES = ("auto", "bf16", "fp16", "none")
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.csv"
 LOG_COLUMNS = ("epoch", "lr", "loss", "train_top1", "test_top1", "seconds")
-_SYNC_EVERY = 25   # steps between host syncs (progress bar, NaN check): no per-step GPU stall
+_SYNC_EVERY = 25   # steps between host syncs (progress bar, NaN check, ranks agreeing to stop): no per-step stall
 
 
 @dataclass
@@ -182,12 +192,13 @@ def evaluate_top1(model: nn.Module, ds: ImageSet, *, device: str | torch.device,
     """Top-1 accuracy (percent) of ``model`` on every image of ``ds``; restores the model's mode."""
     device = torch.device(device)
     loader = make_loader(ds, batch_size, device=device, train=False, path=data_path, num_workers=num_workers)
-    return _top1(model, loader, device, resolve_amp(amp, device))
+    return 100.0 * _correct(model, loader, device, resolve_amp(amp, device)).item() / loader.num_images
 
 
 @torch.no_grad()
-def _top1(model: nn.Module, loader: DeviceLoader | TorchvisionLoader, device: torch.device,
-          dtype: torch.dtype | None) -> float:
+def _correct(model: nn.Module, loader: DeviceLoader | TorchvisionLoader, device: torch.device,
+             dtype: torch.dtype | None) -> torch.Tensor:
+    """Number of correctly classified images of ``loader``'s epoch 0, on ``device``."""
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -195,30 +206,34 @@ def _top1(model: nn.Module, loader: DeviceLoader | TorchvisionLoader, device: to
         with _autocast(device, dtype):
             correct += (model(x).argmax(1) == y).sum()
     model.train(was_training)
-    return 100.0 * correct.item() / loader.num_images
+    return correct
 
 
-def train(model: nn.Module, train_set: ImageSet, test_set: ImageSet | None, recipe: TrainRecipe, *,
-          device: str | torch.device, seed: int, run_dir: Path | None = None, resume: bool = False,
-          progress: bool = True) -> TrainResult:
+def train(model: nn.Module, train_set: ImageSet | FolderSet, test_set: ImageSet | FolderSet | None,
+          recipe: TrainRecipe, *, device: str | torch.device, seed: int, run_dir: Path | None = None,
+          resume: bool = False, progress: bool = True) -> TrainResult:
     """Train ``model`` in place following ``recipe``; see the module docstring for checkpoints.
 
     With ``run_dir``, ``run_dir/train_state.pt`` (loadable with ``torch.load(weights_only=True)``) is
     rewritten after every epoch and ``run_dir/train_log.csv`` gets one row per epoch. ``resume=True``
-    continues from that checkpoint (a finished run just loads its weights). Ctrl-C finishes the current
-    step, saves a checkpoint and re-raises ``KeyboardInterrupt``; a second Ctrl-C stops at once. A NaN/inf
-    loss raises ``NonFiniteLossError`` naming the epoch and step; the in-memory weights are then those of
-    the failing step, the checkpoint those of the last good epoch.
+    continues from that checkpoint (a finished run just loads its weights). Ctrl-C or SIGTERM finishes the
+    current step (data-parallel: the ranks stop together, within ``_SYNC_EVERY`` steps), saves a checkpoint
+    and raises ``KeyboardInterrupt``; a second signal stops at once. A NaN/inf loss raises
+    ``NonFiniteLossError`` naming the epoch and step; the in-memory weights are then those of the failing
+    step, the checkpoint those of the last good epoch. Under a multi-process launcher every rank calls
+    this with the same arguments and the same run directory.
     """
     if recipe.epochs == 0:
         return TrainResult()
-    device = torch.device(device)
+    ctx = distributed.init()
+    device = distributed.rank_device(device, ctx)
     run_dir = Path(run_dir) if run_dir is not None else None
     with torch.random.fork_rng(devices=_cuda_devices(device)), _determinism(recipe.deterministic, device), \
-            _sigint_flag() as interrupted:
+            _stop_flag() as interrupted:
+        # Every rank seeds alike, so rank 0's saved RNG state resumes every rank.
         torch.manual_seed(seed)
         trainer = _Trainer(model, train_set, test_set, recipe, device=device, seed=seed, run_dir=run_dir,
-                           progress=progress)
+                           progress=progress, ctx=ctx)
         try:
             return trainer.run(resume=resume, interrupted=interrupted)
         finally:
@@ -254,10 +269,12 @@ class _EpochSums:
 
 
 class _Trainer:
-    def __init__(self, model: nn.Module, train_set: ImageSet, test_set: ImageSet | None, recipe: TrainRecipe,
-                 *, device: torch.device, seed: int, run_dir: Path | None, progress: bool):
-        self.model, self.recipe = model, recipe
-        self.device, self.seed, self.run_dir, self.progress = device, seed, run_dir, progress
+    def __init__(self, model: nn.Module, train_set: ImageSet | FolderSet, test_set: ImageSet | FolderSet | None,
+                 recipe: TrainRecipe, *, device: torch.device, seed: int, run_dir: Path | None, progress: bool,
+                 ctx: distributed.Context):
+        self.model, self.recipe, self.ctx = model, recipe, ctx
+        self.device, self.seed, self.run_dir = device, seed, run_dir
+        self.progress = progress and ctx.is_main
         # What the run started from: a resume must continue the same (pruned) model, not another one.
         self.start_key = model_fingerprint(model)
         self.amp = resolve_amp(recipe.amp, device)
@@ -267,19 +284,27 @@ class _Trainer:
             model.to(memory_format=torch.channels_last)
         # A last batch of one image would break BatchNorm; drop the remainder unless it is everything.
         drop_last = len(train_set) >= recipe.batch_size
+        if ctx.active and not drop_last:
+            raise ValueError(f"data-parallel training needs at least one full batch: {len(train_set)} training "
+                             f"images, batch_size={recipe.batch_size}")
+        shard = (ctx.rank, ctx.world)
         self.loader: DeviceLoader | TorchvisionLoader = make_loader(
             train_set, recipe.batch_size, device=device, train=True, seed=seed, drop_last=drop_last,
-            path=recipe.data_path, num_workers=recipe.num_workers, channels_last=self.channels_last)
+            path=recipe.data_path, num_workers=recipe.num_workers, channels_last=self.channels_last, shard=shard)
         self.steps = len(self.loader)
         self.test_loader = None if test_set is None else make_loader(
             test_set, 512, device=device, train=False, path=recipe.data_path, num_workers=recipe.num_workers,
-            channels_last=self.channels_last)
+            channels_last=self.channels_last, shard=shard)
+        self.test_images = 0 if test_set is None else len(test_set)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                          nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(recipe, self.steps))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-        self.net = torch.compile(model) if recipe.compile else model
+        wrapped = distributed.wrap(model, device, ctx)
+        self.net = torch.compile(wrapped) if recipe.compile else wrapped
+        # Ranks evaluate different images, and a DDP forward is a collective: test with the bare model.
+        self.eval_net = model if ctx.active else self.net
         self.history: list[dict[str, Any]] = []
         if recipe.warmup_epochs > recipe.epochs:
             log.warning("warmup_epochs=%d exceeds epochs=%d: the whole run is warm-up",
@@ -300,11 +325,12 @@ class _Trainer:
             self.history.append(row)
             self._save(epoch + 1, 0, None)
             self._write_log()
-            log.info("epoch %d/%d  lr %.4g  loss %.4f  train top-1 %.2f%%  test top-1 %s  (%.1f s)",
-                     epoch + 1, self.recipe.epochs, row["lr"], row["loss"], row["train_top1"],
-                     "-" if row["test_top1"] is None else f"{row['test_top1']:.2f}%", row["seconds"])
+            if self.ctx.is_main:
+                log.info("epoch %d/%d  lr %.4g  loss %.4f  train top-1 %.2f%%  test top-1 %s  (%.1f s)",
+                         epoch + 1, self.recipe.epochs, row["lr"], row["loss"], row["train_top1"],
+                         "-" if row["test_top1"] is None else f"{row['test_top1']:.2f}%", row["seconds"])
             sums = None
-            if interrupted.is_set():
+            if self._stop_requested(interrupted):
                 self._raise_interrupt(epoch + 1, 0)
         final = self.history[-1]["test_top1"] if self.history else None
         if final is None and self.test_loader is not None:
@@ -322,16 +348,19 @@ class _Trainer:
             for step, (x, y) in enumerate(self.loader.iter_epoch(epoch, start_step), start=start_step):
                 self._step(x, y, step, sums)
                 done = step + 1
-                if done % _SYNC_EVERY == 0 or done == self.steps or interrupted.is_set():
+                # Ranks meet only at fixed steps (a collective that some ranks skip would hang); one
+                # process stops at the first step after a signal.
+                if done % _SYNC_EVERY == 0 or done == self.steps or (not self.ctx.active and interrupted.is_set()):
+                    stop = self._stop_requested(interrupted)
                     self._check_finite(sums, epoch)
                     bar.update(done - bar.n)
                     bar.set_postfix(loss=f"{sums.loss.item() / sums.seen:.4f}",
                                     acc=f"{100.0 * sums.correct.item() / sums.seen:.2f}",
                                     lr=f"{self.optimizer.param_groups[0]['lr']:.4g}")
-                if interrupted.is_set():
-                    sums.seconds = time.perf_counter() - started
-                    self._save(epoch, done, sums)
-                    self._raise_interrupt(epoch, done)
+                    if stop:
+                        sums.seconds = time.perf_counter() - started
+                        self._save(epoch, done, sums)
+                        self._raise_interrupt(epoch, done)
         sums.seconds = time.perf_counter() - started
         return sums
 
@@ -350,9 +379,17 @@ class _Trainer:
         sums.correct += (logits.detach().argmax(1) == y).sum()
         sums.seen += len(y)
 
+    def _stop_requested(self, interrupted: threading.Event) -> bool:
+        """Whether any rank was signalled (a collective under DDP: every rank must call it)."""
+        flag = torch.tensor([float(interrupted.is_set())], device=self.device)
+        return bool(distributed.reduce_(flag, "max").item())
+
     def _check_finite(self, sums: _EpochSums, epoch: int) -> None:
-        bad = int(sums.first_bad.item())
-        if bad < 0:
+        # The earliest non-finite step of any rank (a collective under DDP), so that every rank stops.
+        never = torch.iinfo(torch.long).max
+        first = torch.where(sums.first_bad < 0, never, sums.first_bad)
+        bad = int(distributed.reduce_(first, "min").item())
+        if bad == never:
             return
         kept = (f"the last good checkpoint {self.state_path} is unchanged" if self.state_path is not None
                 and self.state_path.is_file() else "no checkpoint was written")
@@ -368,13 +405,21 @@ class _Trainer:
         test = None
         if self.test_loader is not None and (last or (every and (epoch + 1) % every == 0)):
             test = self._evaluate()
-        return {"epoch": epoch + 1, "lr": sums.lr, "loss": sums.loss.item() / max(1, sums.seen),
-                "train_top1": 100.0 * sums.correct.item() / max(1, sums.seen), "test_top1": test,
+        loss, correct, seen = self._totals(sums).tolist()
+        return {"epoch": epoch + 1, "lr": sums.lr, "loss": loss / max(1, seen),
+                "train_top1": 100.0 * correct / max(1, seen), "test_top1": test,
                 "seconds": sums.seconds + time.perf_counter() - started}
+
+    def _totals(self, sums: _EpochSums) -> torch.Tensor:
+        """``[loss sum, correct, images]`` of the epoch so far, summed over the ranks (float64)."""
+        totals = torch.stack([sums.loss, sums.correct.double(),
+                              torch.tensor(float(sums.seen), dtype=torch.float64, device=self.device)])
+        return distributed.reduce_(totals)
 
     def _evaluate(self) -> float:
         assert self.test_loader is not None
-        return _top1(self.net, self.test_loader, self.device, self.amp)
+        correct = distributed.reduce_(_correct(self.eval_net, self.test_loader, self.device, self.amp))
+        return 100.0 * correct.item() / self.test_images
 
     def _raise_interrupt(self, epoch: int, step: int) -> None:
         where = f"epoch {epoch + 1}, step {step}/{self.steps}" if step else f"the end of epoch {epoch}"
@@ -383,14 +428,27 @@ class _Trainer:
         else:
             msg = (f"training interrupted at {where}; checkpoint saved to {self.state_path}: rerun with "
                    f"resume=true to continue")
-        log.warning(msg)
+        if self.ctx.is_main:
+            log.warning(msg)
         raise KeyboardInterrupt(msg)
 
     def _save(self, epoch: int, step: int, sums: _EpochSums | None) -> None:
+        """Rank 0 writes the checkpoint; under DDP every rank calls this at the same step and waits for it,
+        so no rank exits (and has the launcher stop the others) before the file is complete."""
         if self.state_path is None:
             return
+        partial = None
+        if sums is not None:
+            partial = sums.state()
+            loss, correct, seen = self._totals(sums)
+            partial.update(loss=loss.cpu(), correct=correct.long().cpu(), seen=int(seen))
+        if self.ctx.is_main:
+            self._write_state(epoch, step, partial)
+        distributed.barrier()
+
+    def _write_state(self, epoch: int, step: int, partial: dict[str, Any] | None) -> None:
         state = {
-            "epoch": epoch, "step": step, "partial": sums.state() if sums is not None else None,
+            "epoch": epoch, "step": step, "partial": partial,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "rng": {"cpu": torch.get_rng_state(),
@@ -417,8 +475,13 @@ class _Trainer:
         self.history = list(state["history"])
         self._write_log()
         epoch, step = state["epoch"], state["step"]
-        log.info("resume: continuing from %s at epoch %d, step %d", path, epoch + 1 if step else epoch, step)
-        sums = _EpochSums.from_state(state["partial"], self.device) if state["partial"] is not None else None
+        if self.ctx.is_main:
+            log.info("resume: continuing from %s at epoch %d, step %d", path, epoch + 1 if step else epoch, step)
+        sums = None
+        if state["partial"] is not None:
+            sums = _EpochSums.from_state(state["partial"], self.device)
+            if not self.ctx.is_main:   # the saved sums are every rank's together: rank 0 carries them
+                sums = replace(_EpochSums.zeros(self.device, sums.lr), seconds=sums.seconds)
         return epoch, step, sums
 
     def _check_compatible(self, state: Mapping[str, Any], path: Path) -> None:
@@ -435,7 +498,7 @@ class _Trainer:
                              f"restore those values, or set resume=false to start over")
 
     def _write_log(self) -> None:
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.ctx.is_main:
             atomic_write(self.run_dir / LOG_FILE, lambda f: f.write(_csv_text(self.history).encode()))
 
 
@@ -475,9 +538,10 @@ def _determinism(enabled: bool, device: torch.device) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _sigint_flag() -> Iterator[threading.Event]:
-    """Turn the first Ctrl-C into a flag the loop checks between steps (so a checkpoint is never taken
-    half-way through an optimizer step); a second Ctrl-C interrupts at once."""
+def _stop_flag() -> Iterator[threading.Event]:
+    """Turn the first Ctrl-C or SIGTERM (what SLURM and torchrun send before killing a job) into a flag the
+    loop checks between steps, so a checkpoint is never taken half-way through an optimizer step; a second
+    signal interrupts at once."""
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -487,10 +551,13 @@ def _sigint_flag() -> Iterator[threading.Event]:
         if flag.is_set():
             raise KeyboardInterrupt
         flag.set()
-        log.warning("Ctrl-C: stopping after this step and saving a checkpoint (press again to abort now)")
+        log.warning("%s: stopping after this step and saving a checkpoint (send it again to abort now)",
+                    "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = [signal.signal(s, handler) for s in signals]
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler_before in zip(signals, previous):
+            signal.signal(s, handler_before)

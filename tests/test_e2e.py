@@ -98,7 +98,8 @@ def test_cli_bad_value_prints_one_line_and_records_the_failure(tmp_path):
     assert proc.returncode == 2
     accepted = ", ".join(list_models())
     assert proc.stderr.strip().splitlines() == [
-        f"qsfm-run: error: unknown model 'resnet57'; accepted: {accepted} or tv_<torchvision model name>"]
+        f"qsfm-run: error: unknown model 'resnet57'; accepted: {accepted}, tv_<torchvision model name> or "
+        f"timm_<timm model name>"]
     failed = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert failed["status"] == "failed" and "resnet57" in failed["error"]
 

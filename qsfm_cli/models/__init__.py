@@ -1,7 +1,8 @@
 """Model registry in the style of timm: ``create_model(name, **kwargs)`` over decorated constructors.
 
-The CIFAR architectures register themselves on import; any other name is looked up in torchvision's
-model builders (no weights are downloaded: torchvision models are created untrained).
+The CIFAR architectures register themselves on import; ``tv_<name>`` is looked up in torchvision's model
+builders and ``timm_<name>`` in timm's (both created untrained; their weights: ``torchvision_models``,
+``model.checkpoint``).
 """
 from __future__ import annotations
 
@@ -44,8 +45,13 @@ def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
             # know which builder made it.
             model.registry_spec = {"name": name, "num_classes": num_classes, "kwargs": dict(kwargs)}
             return model
+    if name.startswith("timm_"):
+        from .timm_models import create
+
+        return create(name, num_classes, **kwargs)
     raise ValueError(
-        f"unknown model {name!r}; accepted: {', '.join(list_models())} or tv_<torchvision model name>"
+        f"unknown model {name!r}; accepted: {', '.join(list_models())}, tv_<torchvision model name> or "
+        f"timm_<timm model name>"
     )
 
 
