@@ -68,5 +68,6 @@ def make_keep(orders: Orders, sets: list[ChannelSet], plan: PlanSpec, *, model: 
     ctx = PlanContext(orders, sets, plan, model=model, example_input=example_input, loss_of=loss_of,
                       prune_fn=prune_fn, sensitivity=sensitivity, progress=progress)
     counts, found = plan.strategy.counts(ctx)
+    counts = ctx.settled(counts)   # settling is idempotent: counts a protocol settled itself stay as they are
     info: dict[str, Any] = {"protocol": plan.protocol, "notes": [], **found, "removed": counts}
     return keep_from_counts(orders, sets, counts), info

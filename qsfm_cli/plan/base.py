@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
@@ -71,7 +71,7 @@ class PlanContext:
     prune_fn: Callable[[Keep], nn.Module] | None = None
     sensitivity: dict[str, Any] | None = None
     progress: bool = False
-    _meter: MacsMeter | None = None
+    _meter: MacsMeter | None = field(default=None, init=False, repr=False)
 
     def settled(self, counts: Counts) -> Counts:
         """``counts`` after ``min_channels`` and ``round_to`` (see ``settle``)."""
@@ -119,8 +119,9 @@ class Strategy:
         """Checks that need the channel sets (and, where given, the model), before any statistics."""
 
     def counts(self, ctx: PlanContext) -> tuple[Counts, dict[str, Any]]:
-        """Settled removal counts of every set of ``ctx.sets`` (see ``PlanContext.settled``) and what the
-        plan record should hold beside them."""
+        """The removal count of every set of ``ctx.sets`` and what the plan record should hold beside them.
+        ``make_keep`` settles the counts (``PlanContext.settled``); a protocol that measures pruned copies
+        settles its candidates itself, so that it measures what will be pruned."""
         raise NotImplementedError
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..pruning import RateLayout, rate_layouts
 from ..types import ChannelSet
-from .base import Counts, PlanContext, Strategy, register_protocol, settle
+from .base import Counts, PlanContext, Strategy, register_protocol
 
 if TYPE_CHECKING:
     from .spec import PlanSpec
@@ -144,7 +144,7 @@ def choose_layout(rates: list[float], available: list[RateLayout], chosen: str |
 
 def rate_counts(spec: PlanSpec, sets: list[ChannelSet], model: nn.Module | None
                 ) -> tuple[Counts, str, list[str]]:
-    """Settled removal counts, the layout's name and notes (entries the layout ignores)."""
+    """Removal counts, the layout's name and notes (entries the layout ignores)."""
     rates = parse_rates(spec.rates)
     layout = choose_layout(rates, layouts(sets, model), spec.rate_layout)
     for k, (target, rate) in enumerate(zip(layout.targets, rates)):
@@ -164,7 +164,7 @@ def rate_counts(spec: PlanSpec, sets: list[ChannelSet], model: nn.Module | None
             raise ValueError(f"prune.rates ({layout.name} layout) entry {k} prunes {target!r}, which is not in "
                              f"prune.scope={spec.scope}; use prune.scope=stage")
         kept = int(sizes[target] * (1 - rate))  # the papers' own rounding
-        counts[target] = settle(sizes[target] - kept, sizes[target], spec.min_channels, spec.round_to)
+        counts[target] = sizes[target] - kept
     notes = [f"{layout.name} layout: {len(ignored)} nonzero entries (from entry {ignored[0]} on) are ignored, "
              "as in the paper's pruned-model code"] if ignored else []
     return counts, layout.name, notes
