@@ -45,7 +45,10 @@ def build_experiment(cfg: DictConfig, run_dir: Path):
 
     device = resolve_device(cfg.device)
     scorer = build(cfg.scorer)
-    plan = PlanSpec.from_config(OmegaConf.to_container(cfg.prune, resolve=True))
+    # prune/ also holds the recovery settings, which the Experiment takes below.
+    recovery_keys = ("compensate", "ridge", "bn_recalibration", "iterative_steps")
+    plan = PlanSpec.from_config({k: v for k, v in OmegaConf.to_container(cfg.prune, resolve=True).items()
+                                 if k not in recovery_keys})
     train_set, test_set = build(cfg.dataset)
     mean, std = cfg.model.mean, cfg.model.std
     train_set, test_set = train_set.with_normalization(mean, std), test_set.with_normalization(mean, std)

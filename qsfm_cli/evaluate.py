@@ -1,13 +1,15 @@
-"""Evaluation stage: accuracy, MACs and parameters counted as the papers do, and latency."""
+"""Evaluation stage: accuracy, MACs and parameters counted as the papers do, and latency; the MACs meter and
+the held-out loss the planner is given to measure pruned copies."""
 from __future__ import annotations
 
 import itertools
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -44,6 +46,53 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -
     return counter.get_total_flops() // 2
 
 
+class MacsMeter:
+    """MACs of pruned copies of one model, as ``count_macs`` counts them, without a forward pass each.
+
+    Channel pruning leaves every layer's output resolution unchanged, so a conv/linear layer costs
+    (its weight's element count) x (its output positions per image), the positions recorded once on the
+    unpruned model. ``exact`` says whether that sum equals ``count_macs`` on the unpruned model; where it
+    does not (ops other than conv/linear), every count is ``count_macs`` itself.
+    """
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor):
+        self.input_size = (1, *example_input.shape[1:])
+        self.positions: dict[str, int] = {}
+        handles = [m.register_forward_hook(self._record(name)) for name, m in model.named_modules()
+                   if isinstance(m, _WEIGHTED)]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(example_input[:1])
+        finally:
+            model.train(was_training)
+            for h in handles:
+                h.remove()
+        self.exact = self._from_shapes(model) == count_macs(model, self.input_size)
+        self.base = self(model)
+
+    def _record(self, name: str):
+        def hook(module: nn.Module, _inputs, output: torch.Tensor) -> None:
+            channels = module.out_channels if isinstance(module, nn.modules.conv._ConvNd) else module.out_features
+            self.positions[name] = self.positions.get(name, 0) + output.numel() // channels
+        return hook
+
+    def _from_shapes(self, model: nn.Module) -> int:
+        return sum(m.weight.numel() * self.positions.get(name, 0) for name, m in model.named_modules()
+                   if isinstance(m, _WEIGHTED))
+
+    def __call__(self, model: nn.Module) -> int:
+        return self._from_shapes(model) if self.exact else count_macs(model, self.input_size)
+
+    def reduction(self, model: nn.Module) -> float:
+        """Fraction of the unpruned model's MACs that ``model`` saves."""
+        return 1.0 - self(model) / self.base
+
+
+_WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -59,6 +108,28 @@ def accuracy(model: nn.Module, ds: ImageSet | FolderSet, *, device: str | torch.
         hits1 += (top[:, 0] == y).sum().item()
         hits5 += (top == y[:, None]).any(dim=1).sum().item()
     return 100.0 * hits1 / len(ds), 100.0 * hits5 / len(ds)
+
+
+def heldout_loss(train_set: ImageSet, n: int, *, skip: int, seed: int, batch_size: int = 256,
+                 device: str | torch.device = "cpu") -> Callable[[nn.Module], float]:
+    """Mean cross-entropy of a model on ``n`` training images that ``train_set.sample(skip, seed)`` (the
+    images whose statistics were collected) does not hold: the same seeded permutation, next slice."""
+    perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))
+    index = perm[skip:skip + n] if skip < len(train_set) else perm[:0]
+    if len(index) == 0:
+        raise ValueError(f"no training images left for the sensitivity slice: {len(train_set)} images, "
+                         f"{skip} used for statistics; lower collect.num_images")
+    images = train_set.subset(index.sort().values)
+
+    @torch.no_grad()
+    def loss_of(model: nn.Module) -> float:
+        model.eval()
+        total = 0.0
+        for x, y in make_loader(images, batch_size, device=device, train=False):
+            total += F.cross_entropy(model(x), y, reduction="sum").item()
+        return total / len(images)
+
+    return loss_of
 
 
 @torch.no_grad()

@@ -19,14 +19,13 @@ from .cache import Cache, fingerprint, model_fingerprint
 from .baseline import trained_baseline
 from .collect import collect_stats
 from .data import ImageSet
-from .evaluate import Metrics, accuracy, evaluate
+from .evaluate import Metrics, accuracy, evaluate, heldout_loss
 from .models import create_model
 from .recover import recalibrate_bn
 from .recover.compensate import MODES, compensate
-from .plan import (MacsMeter, PlanSpec, format_sensitivity, heldout_loss, keep_from_counts, make_keep,
-                   measure_sensitivity)
+from .plan import MacsMeter, PlanSpec, format_sensitivity, keep_from_counts, make_keep, measure_sensitivity
 from .pruning import apply_keep, channel_sets
-from .scoring import Scorer, StatRequest
+from .scoring import Scorer, StatRequest, threshold_scorers
 from .train import TrainRecipe, train
 from .types import ChannelSet, Keep, LayerStats, Order, Orders
 
@@ -218,9 +217,10 @@ def plan_stage(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats: 
     loss_of = heldout_loss(exp.train_set, plan.sensitivity_images, skip=exp.num_images, seed=exp.seed,
                            device=exp.device)
     key = fingerprint("sensitivity", orders_key, plan.sensitivity_grid, plan.sensitivity_images,
-                      plan.min_channels, exp.compensate, exp.ridge)
+                      plan.min_channels, plan.round_to, exp.compensate, exp.ridge)
     sensitivity, hit = cache.get_or_compute("sensitivity", key, lambda: measure_sensitivity(
-        sets, orders, plan.sensitivity_grid, prune_fn, loss_of, MacsMeter(model, example), plan.min_channels))
+        sets, orders, plan.sensitivity_grid, prune_fn, loss_of, MacsMeter(model, example), plan.min_channels,
+        round_to=plan.round_to, progress=exp.progress))
     cache_log["sensitivity"] = "hit" if hit else "miss"
     log.info("sensitivity (loss increase per ratio):\n%s", format_sensitivity(sensitivity))
     return make_keep(orders, sets, plan, model=model, example_input=example, loss_of=loss_of,
@@ -284,7 +284,7 @@ def run_experiment(exp: Experiment) -> dict[str, Any]:
     model = load_baseline(exp, cache).to(exp.device).eval()
     example = exp.test_set.images[:1].float().to(exp.device)
     sets = channel_sets(model, example, scope=exp.plan.scope)
-    exp.plan.validate(sets, model, scorer=exp.scorer)
+    exp.plan.validate(sets, model, scorer=exp.scorer, threshold_scorers=threshold_scorers())
 
     orders, stats, orders_key = collect_and_score(model, sets, exp, cache, timings, cache_log)
     start, scoring = time.perf_counter(), timings["collect"] + timings["score"]

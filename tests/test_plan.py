@@ -1,17 +1,20 @@
-"""Protocols -> Keep: ratio, rate strings, threshold, MACs target (uniform / threshold / sensitivity)."""
+"""Protocols -> Keep: ratio, rate strings, threshold, MACs target (uniform / threshold / sensitivity),
+with min_channels and round_to settled the same way by every protocol."""
 import math
+import subprocess
+import sys
+import tracemalloc
 
 import pytest
 import torch
 from torch import nn
 
-from qsfm_cli.data import ImageSet
 from qsfm_cli.evaluate import count_macs
 from qsfm_cli.models import create_model
-from qsfm_cli.plan import (MacsMeter, PlanSpec, format_sensitivity, heldout_loss, keep_from_counts, make_keep,
-                           measure_sensitivity, parse_rates, removed_count)
+from qsfm_cli.plan import (ALLOCATIONS, MAX_RATES, PROTOCOLS, TOLERANCE, MacsMeter, PlanSpec, format_sensitivity,
+                           keep_from_counts, make_keep, measure_sensitivity, parse_rates, removed_count, settle)
 from qsfm_cli.pruning import apply_keep, channel_sets
-from qsfm_cli.scoring import get_scorer
+from qsfm_cli.scoring import get_scorer, threshold_scorers
 from qsfm_cli.types import Order
 
 X = torch.zeros(1, 3, 32, 32)
@@ -48,6 +51,23 @@ def test_bad_rate_strings_name_the_problem(text, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("text", ["[0.1]*100000000", f"[0.1, 0.2]*{MAX_RATES // 2 + 1}",
+                                  f"[0.1]*{MAX_RATES}+0.2", "[0.1]*" + "9" * 5000])
+def test_a_huge_rate_expansion_is_refused_before_it_is_built(text):
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as err:
+            parse_rates(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(err.value).endswith(f"expands to more than {MAX_RATES} entries; accepted: at most {MAX_RATES}")
+    assert peak < 1_000_000     # bytes: the list is never built
+    with pytest.raises(ValueError, match=f"has {MAX_RATES + 1} entries; at most {MAX_RATES} are accepted"):
+        parse_rates([0.1] * (MAX_RATES + 1))
+    assert len(parse_rates(f"[0.1]*{MAX_RATES - 1}+0.2")) == MAX_RATES
+
+
 # ------------------------------------------------------------------------------------------------ spec
 @pytest.mark.parametrize("kwargs, message", [
     ({"ratio": 1.5}, "prune.ratio must be in [0, 1), got 1.5"),
@@ -59,6 +79,12 @@ def test_bad_rate_strings_name_the_problem(text, message):
     ({"scope": "stages"}, "unknown prune.scope 'stages'; accepted: default, stage, all"),
     ({"min_channels": 0}, "prune.min_channels must be >= 1, got 0"),
     ({"target_macs_reduction": 1.2}, "prune.target_macs_reduction must be in (0, 1), got 1.2"),
+    ({"target_macs_reduction": math.nan}, "prune.target_macs_reduction must be in (0, 1), got nan"),
+    ({"threshold": math.nan}, "prune.threshold must be a finite number, got nan"),
+    ({"threshold": math.inf}, "prune.threshold must be a finite number, got inf"),
+    ({"threshold": -math.inf}, "prune.threshold must be a finite number, got -inf"),
+    ({"round_to": 0}, "prune.round_to must be >= 1 (1: off), got 0"),
+    ({"sensitivity_grid": (0.5, math.nan)}, "prune.sensitivity_grid must hold ratios in (0, 1), got [0.5, nan]"),
 ])
 def test_bad_specs_fail_with_one_line(kwargs, message):
     with pytest.raises(ValueError) as err:
@@ -66,16 +92,49 @@ def test_bad_specs_fail_with_one_line(kwargs, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_spec_from_config_skips_pipeline_keys_and_names_unknown_ones():
+@pytest.mark.parametrize("kwargs, message", [
+    ({"threshold": "abc"}, "prune.threshold must be a number or null, got 'abc'"),
+    ({"ratio": "0.5"}, "prune.ratio must be a number, got '0.5'"),
+    ({"ratio": True}, "prune.ratio must be a number, got True"),
+    ({"target_macs_reduction": [0.5]}, "prune.target_macs_reduction must be a number or null, got [0.5]"),
+    ({"min_channels": 1.5}, "prune.min_channels must be a whole number, got 1.5"),
+    ({"min_channels": True}, "prune.min_channels must be a whole number, got True"),
+    ({"round_to": 8.0}, "prune.round_to must be a whole number, got 8.0"),
+    ({"sensitivity_images": "64"}, "prune.sensitivity_images must be a whole number, got '64'"),
+    ({"sensitivity_grid": [0.5, "a"]}, "prune.sensitivity_grid must be a list of numbers, got (0.5, 'a')"),
+    ({"sensitivity_grid": 0.5}, "prune.sensitivity_grid must be a list of numbers, got 0.5"),
+    ({"rates": 0.5}, "prune.rates must be a string or a list of numbers or null, got 0.5"),
+    ({"rates": [0.5, None]}, "prune.rates must be a string or a list of numbers or null, got (0.5, None)"),
+    ({"rate_layout": 3, "rates": "[0.5]"}, "prune.rate_layout must be a string or null, got 3"),
+    ({"allocation": None}, "prune.allocation must be a string, got None"),
+    ({"scope": ["default"]}, "prune.scope must be a string, got ['default']"),
+])
+def test_every_field_type_is_checked_at_construction(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        PlanSpec(**kwargs)
+    assert str(err.value) == message
+
+
+def test_numbers_of_any_kind_and_lists_are_accepted():
+    import numpy as np
+    spec = PlanSpec(ratio=0, min_channels=np.int64(2), threshold=np.float32(0.5), sensitivity_grid=[0.5, 0.25],
+                    rates=None)
+    assert spec.sensitivity_grid == (0.25, 0.5) and spec.protocol == "threshold"
+    assert PlanSpec(rates=[0.5, 0.25]).rates == (0.5, 0.25)
+
+
+def test_spec_from_config_takes_plan_keys_only():
     cfg = {"ratio": 0.3, "rates": None, "threshold": None, "target_macs_reduction": None,
            "allocation": "uniform", "sensitivity_grid": [0.5, 0.25], "sensitivity_images": 64,
-           "scope": "default", "min_channels": 1, "compensate": "none", "ridge": 1e-3,
-           "bn_recalibration": 0, "iterative_steps": 1}
+           "scope": "default", "min_channels": 1, "round_to": 8}
     spec = PlanSpec.from_config(cfg)
     assert spec.ratio == 0.3 and spec.sensitivity_grid == (0.25, 0.5) and spec.protocol == "ratio"
     assert spec.describe()["protocol"] == "ratio" and spec.describe()["ratio"] == 0.3
+    assert spec.describe()["round_to"] == 8
     with pytest.raises(ValueError, match="unknown key prune.ration; accepted: allocation"):
         PlanSpec.from_config({"ration": 0.3})
+    with pytest.raises(ValueError, match="unknown key prune.compensate; accepted: allocation, min_channels"):
+        PlanSpec.from_config({**cfg, "compensate": "none"})
 
 
 def test_describe_writes_a_rate_list_as_a_string():
@@ -95,12 +154,43 @@ def test_threshold_plans_need_a_threshold_scorer_before_any_work(kwargs, setting
     sets = channel_sets(model, X)
     plan = PlanSpec(**kwargs)
     with pytest.raises(ValueError) as err:
-        plan.validate(sets, model, scorer=get_scorer(scorer))
+        plan.validate(sets, model, scorer=get_scorer(scorer), threshold_scorers=threshold_scorers())
     assert str(err.value) == (f"{setting} needs a scorer with a threshold rule; scorer {scorer!r} has none; "
                               "scorers with one: qsfm, simscore")
     for name in ("qsfm", "simscore"):
         plan.validate(sets, model, scorer=get_scorer(name))
     PlanSpec(target_macs_reduction=0.4).validate(sets, model, scorer=get_scorer(scorer))
+
+
+def test_the_planner_imports_no_scorer():
+    code = "import sys, qsfm_cli.plan; print(sorted(m for m in sys.modules if m.startswith('qsfm_cli.scoring')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"min_channels": 1000}, "prune.min_channels=1000 leaves nothing to prune: the largest channel set of "
+                             "prune.scope=default has 16 channels; accepted: 1 to 15"),
+    ({"min_channels": 16}, "prune.min_channels=16 leaves nothing to prune"),
+    ({"round_to": 16}, "prune.round_to=16 leaves nothing to prune: the largest channel set of prune.scope=default "
+                       "has 16 channels and keeps at least prune.min_channels=1; accepted: 1 to 15"),
+    ({"round_to": 8, "min_channels": 9}, "prune.round_to=8 leaves nothing to prune: the largest channel set of "
+                                         "prune.scope=default has 16 channels and keeps at least "
+                                         "prune.min_channels=9; accepted: 1 to 7, 9 to 15"),
+])
+def test_settings_that_leave_nothing_to_prune_are_refused_before_any_work(kwargs, message):
+    model = create_model("resnet8", stage_widths=(4, 8, 16))
+    sets = channel_sets(model, X)
+    plan = PlanSpec(**kwargs)
+    with pytest.raises(ValueError) as err:
+        plan.validate(sets, model)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="leaves nothing to prune"):
+        make_keep(identity_orders(sets), sets, plan)
+    fits = 7 if "1 to 7" in message else 15
+    key = "round_to" if "round_to" in kwargs else "min_channels"
+    keep, _ = make_keep(identity_orders(sets), sets, PlanSpec(**{**kwargs, key: fits}))
+    assert any(len(keep[s.name]) < s.size for s in sets)
 
 
 # -------------------------------------------------------------------------------------- ratio / rates
@@ -216,25 +306,14 @@ def test_threshold_counts_leading_values_at_or_above_tau():
     assert all(len(keep[s.name]) == 2 for s in sets)
 
 
-def test_threshold_without_values_names_the_scorers_that_have_one():
+def test_threshold_without_values_asks_for_a_threshold_scorer():
     sets = channel_sets(create_model("resnet20"), X)
-    with pytest.raises(ValueError, match="prune.threshold needs a scorer with a threshold rule.*qsfm, simscore"):
+    with pytest.raises(ValueError, match=r"needs removal orders with threshold values \(Order.values\); the order "
+                                         "of 'layer1.0.conv1' has none: choose a scorer with a threshold rule"):
         make_keep(identity_orders(sets), sets, PlanSpec(threshold=0.5))
 
 
 # --------------------------------------------------------------------------------------- MACs targets
-@pytest.mark.parametrize("name", ["resnet20", "vgg16_bn", "mobilenetv2", "tv_resnet18"])
-def test_macs_meter_matches_the_flop_counter_on_pruned_models(name):
-    model = create_model(name)
-    x = torch.zeros(1, 3, 32, 32)
-    meter = MacsMeter(model, x)
-    assert meter.exact
-    sets = channel_sets(model, x, "all")
-    keep, _ = make_keep(shuffled_orders(sets), sets, PlanSpec(ratio=0.4))
-    pruned = apply_keep(model, keep, x)
-    assert meter(pruned) == count_macs(pruned, (1, 3, 32, 32)) < meter.base
-
-
 @pytest.mark.parametrize("target", [0.3, 0.48, 0.6])
 def test_target_macs_reduction_is_reached_with_a_uniform_ratio(target):
     model = create_model("resnet20")
@@ -291,6 +370,11 @@ def test_sensitivity_allocation_spares_sensitive_sets():
     again, _ = make_keep(identity_orders(sets), sets, plan, model=model, example_input=X,
                          loss_of=lambda m: pytest.fail("recomputed"), sensitivity=table)
     assert again == keep
+    with pytest.raises(ValueError, match=r"the sensitivity table was measured with \{'min_channels': 1, "
+                                         r"'round_to': 1\}, this plan has \{'min_channels': 1, 'round_to': 8\}; "
+                                         "measure it again"):
+        make_keep(identity_orders(sets), sets, PlanSpec(**{**plan.__dict__, "round_to": 8}), model=model,
+                  example_input=X, sensitivity=table)
 
 
 def test_sensitivity_table_marks_ratios_below_min_channels():
@@ -301,18 +385,97 @@ def test_sensitivity_table_marks_ratios_below_min_channels():
     assert table["layers"]["layer1.0.conv1"]["loss_increase"] == [0.0, None]   # 4 channels: 0.9 leaves 1
 
 
-def test_heldout_slice_avoids_the_collected_images():
-    images = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 3, 2, 2).contiguous()
-    ds = ImageSet(images, torch.zeros(40, dtype=torch.long), 2, (0.0,) * 3, (1.0,) * 3)
-    collected = set(ds.sample(16, seed=3).images[:, 0, 0, 0].tolist())
-    seen = []
+def test_sensitivity_table_settles_counts_and_skips_repeated_ones():
+    model = create_model("resnet8", stage_widths=(4, 8, 16))
+    sets = channel_sets(model, X)
+    calls = []
+    table = measure_sensitivity(sets, identity_orders(sets), (0.25, 0.5, 0.75), lambda k: apply_keep(model, k, X),
+                                lambda m: calls.append(m) or 0.0, MacsMeter(model, X), round_to=4)
+    rows = {name: row["removed"] for name, row in table["layers"].items()}
+    # 4 channels: nothing to remove; 8: only down to 4; 16: kept 12, 8, then 4+ rounds up to 4 (0.75 leaves 4)
+    assert rows == {"layer1.0.conv1": [None, None, None], "layer2.0.conv1": [None, 4, None],
+                    "layer3.0.conv1": [4, 8, 12]}
+    assert len(calls) == 1 + 4 and table["round_to"] == 4 and table["min_channels"] == 1
 
-    class Probe(nn.Module):
-        def forward(self, x):
-            seen.extend(x[:, 0, 0, 0].round().long().tolist())
-            return torch.zeros(len(x), 2)
 
-    heldout_loss(ds, 10, skip=16, seed=3, batch_size=4)(Probe())
-    assert len(seen) == 10 and not collected & set(seen)
-    with pytest.raises(ValueError, match="no training images left"):
-        heldout_loss(ds, 10, skip=40, seed=3)
+@pytest.mark.parametrize("progress", [True, False])
+def test_sensitivity_shows_a_progress_bar_when_asked(progress, capsys):
+    model = create_model("resnet8", stage_widths=(4, 8, 16))
+    sets = channel_sets(model, X)
+    measure_sensitivity(sets, identity_orders(sets), (0.5,), lambda k: apply_keep(model, k, X), lambda m: 0.0,
+                        MacsMeter(model, X), progress=progress)
+    err = capsys.readouterr().err
+    assert ("sensitivity:" in err and "0/4" in err) == progress and (err == "") != progress   # 1 + 3 losses
+
+
+# ------------------------------------------------------------------------------------------ round_to
+@pytest.mark.parametrize("count, size, min_channels, round_to, settled", [
+    (5, 16, 1, 1, 5), (20, 16, 1, 1, 15), (5, 16, 12, 1, 4), (5, 4, 8, 1, 0),
+    (5, 16, 1, 8, 0),      # keeps 11 -> 16: the whole set
+    (9, 16, 1, 8, 8),      # keeps 7 -> 8
+    (16, 16, 1, 8, 8),     # never below 8
+    (10, 24, 1, 16, 8),    # keeps 14 -> 16
+    (2, 24, 1, 16, 0),     # keeps 22 -> 32 > 24: whole
+    (10, 16, 9, 4, 4),     # min_channels 9 -> keeps 9 -> 12
+    (3, 8, 1, 8, 0),       # a set no larger than round_to stays whole
+])
+def test_settle_rounds_the_kept_count_up_to_a_multiple(count, size, min_channels, round_to, settled):
+    assert settle(count, size, min_channels, round_to) == settled
+
+
+ROUND_TO = 6      # ResNet-20's sets have 16, 32, 64 channels: none a multiple, so the whole-set rule is exercised
+EXAMPLES = {      # protocol -> PlanSpec fields of a plan that prunes; a newly registered protocol needs one here
+    "ratio": [{"ratio": 0.45}],
+    "rates": [{"rates": "[0.2]*3+[0.5]*3+[0.7]*3"}],
+    "threshold": [{"threshold": 0.35}],
+    "target_macs_reduction": [{"target_macs_reduction": 0.45, "allocation": a} for a in ALLOCATIONS],
+}
+
+
+def graded_orders(sets, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {s.name: Order(removal=torch.randperm(s.size, generator=g).tolist(),
+                          values=sorted(torch.rand(s.size, generator=g).tolist(), reverse=True)) for s in sets}
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_every_protocol_keeps_multiples_of_round_to(protocol):
+    model = create_model("resnet20")
+    sets = channel_sets(model, X)
+    orders = graded_orders(sets)
+    sizes = {s.name: s.size for s in sets}
+
+    def loss_of(pruned: nn.Module) -> float:
+        return sum((1 - pruned.get_submodule(n).out_channels / c) ** 2 for n, c in sizes.items())
+
+    for fields in EXAMPLES[protocol]:
+        spec = PlanSpec(**fields, round_to=ROUND_TO)
+        assert spec.protocol == protocol
+        keep, info = make_keep(orders, sets, spec, model=model, example_input=X, loss_of=loss_of)
+        kept = {n: len(k) for n, k in keep.items()}
+        assert all(k % ROUND_TO == 0 or k == sizes[n] for n, k in kept.items()), kept
+        assert any(k < sizes[n] for n, k in kept.items())
+        assert info["removed"] == {n: sizes[n] - k for n, k in kept.items()}
+        if protocol == "target_macs_reduction":
+            reached = 1 - count_macs(apply_keep(model, keep, X)) / count_macs(model)
+            assert abs(reached - spec.target_macs_reduction) <= TOLERANCE and "note" not in info
+        else:   # rounding the kept count up removes a prefix of what the unrounded plan removes
+            plain = make_keep(orders, sets, PlanSpec(**fields), model=model)[1]["removed"]
+            assert all(0 <= plain[n] - info["removed"][n] < ROUND_TO for n in sizes)
+            assert info["removed"] != plain
+
+
+@pytest.mark.parametrize("allocation, target", [("uniform", 0.48), ("threshold", 0.3)])
+def test_a_resnet56_target_search_with_round_to_8_lands_within_tolerance(allocation, target):
+    model = create_model("resnet56")
+    sets = channel_sets(model, X)
+    orders = graded_orders(sets)
+    keep, info = make_keep(orders, sets, PlanSpec(target_macs_reduction=target, allocation=allocation, round_to=8),
+                           model=model, example_input=X)
+    assert all(len(k) % 8 == 0 for k in keep.values())
+    reached = 1 - count_macs(apply_keep(model, keep, X)) / count_macs(model)
+    assert abs(reached - target) <= TOLERANCE and math.isclose(info["macs_reduction"], reached)
+    if allocation == "threshold":   # one set's step of 8 channels is worth up to 1.9 points: sets are raised
+        plain = make_keep(orders, sets, PlanSpec(threshold=info["threshold"], round_to=8))[1]["removed"]
+        assert info["raised_sets"] and all(info["removed"][n] == plain[n] + 8 * (n in info["raised_sets"])
+                                           for n in plain)

@@ -1,0 +1,73 @@
+"""Plan stage: from the scorers' removal orders and a pruning protocol to the channels each set keeps.
+
+Protocols (config group ``prune/``; at most one of ``rates``, ``threshold``, ``target_macs_reduction``
+is set, else ``ratio`` applies), one registered strategy each:
+
+- ``ratio=r`` (``ratio.py``): every set of the scope loses floor(r * C) of its C channels.
+- ``rates="[0.]+[0.15]*2+[0.4]*27"`` (``rates.py``): the per-layer rate lists of HRank/CHIP, parsed by a
+  small grammar (lists, ``+``, ``*``), mapped by a layout (``pruning.rate_layouts``, or one entry per
+  set) chosen by the list's length, or by ``rate_layout`` where several layouts have that length; a set
+  keeps int(C * (1 - rate)) channels, as the papers' code builds its pruned networks.
+- ``threshold=tau`` (``threshold.py``): each set removes its leading channels whose ``Order.values``
+  are >= tau.
+- ``target_macs_reduction=f`` (``target.py``): search the uniform ratio (``allocation=uniform``) or the
+  global threshold (``allocation=threshold``) that removes the fraction f of the MACs, or
+  (``allocation=sensitivity``, ``sensitivity.py``) measure every set's loss increase at a grid of
+  ratios and choose per-set ratios reaching f with the least summed increase.
+
+Every protocol's counts are then settled the same way (``base.settle``): a set keeps at least
+``min_channels`` channels and, with ``round_to=N``, a multiple of N of them (rounded up, never more
+than the set: a set that cannot keep fewer than its size under these rules is left whole).
+
+The planner never edits weights and loads no data; it builds pruned copies only to count their MACs
+(``evaluate.MacsMeter``) and, for the sensitivity table, to measure them with the loss it is given.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..evaluate import MacsMeter
+from ..types import ChannelSet, Keep, Orders
+from .base import PROTOCOLS, PlanContext, Strategy, keep_from_counts, register_protocol, removed_count, settle
+
+for _module in pkgutil.iter_modules(__path__):  # each protocol registers itself when its module is imported
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+from .rates import MAX_RATES, parse_rates  # noqa: E402
+from .sensitivity import format_sensitivity, measure_sensitivity  # noqa: E402
+from .spec import DEFAULT_GRID, PlanSpec  # noqa: E402
+from .target import ALLOCATIONS, TOLERANCE  # noqa: E402
+
+__all__ = ["ALLOCATIONS", "DEFAULT_GRID", "MAX_RATES", "PROTOCOLS", "TOLERANCE", "MacsMeter", "PlanContext",
+           "PlanSpec", "Strategy", "format_sensitivity", "keep_from_counts", "make_keep", "measure_sensitivity",
+           "parse_rates", "register_protocol", "removed_count", "settle"]
+
+
+def make_keep(orders: Orders, sets: list[ChannelSet], plan: PlanSpec, *, model: nn.Module | None = None,
+              example_input: torch.Tensor | None = None,
+              loss_of: Callable[[nn.Module], float] | None = None,
+              prune_fn: Callable[[Keep], nn.Module] | None = None,
+              sensitivity: dict | None = None, progress: bool = False) -> tuple[Keep, dict[str, Any]]:
+    """Kept channel indices of every set in ``sets``, and a JSON-able record of the plan.
+
+    ``model``/``example_input`` are needed by the MACs target (and give the paper rate layouts);
+    ``loss_of`` (e.g. ``evaluate.heldout_loss``) by ``allocation=sensitivity``, which prunes through
+    ``prune_fn`` (default: ``apply_keep`` without compensation) and reuses a ``sensitivity`` table when
+    given; ``progress`` shows a bar while that table is measured. The record holds the removal counts,
+    what a search reached, notes, and the sensitivity table.
+    """
+    missing = [s.name for s in sets if s.name not in orders]
+    if missing:
+        raise ValueError(f"no removal order for channel set(s) {', '.join(missing)}")
+    plan.validate(sets)
+    ctx = PlanContext(orders, sets, plan, model=model, example_input=example_input, loss_of=loss_of,
+                      prune_fn=prune_fn, sensitivity=sensitivity, progress=progress)
+    counts, found = plan.strategy.counts(ctx)
+    counts = ctx.settled(counts)   # settling is idempotent: counts a protocol settled itself stay as they are
+    info: dict[str, Any] = {"protocol": plan.protocol, "notes": [], **found, "removed": counts}
+    return keep_from_counts(orders, sets, counts), info

@@ -1,0 +1,137 @@
+"""What every protocol shares: the registry, the context a protocol plans in, and how a removal count is
+settled against ``min_channels`` and ``round_to``."""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..evaluate import MacsMeter
+from ..pruning import apply_keep
+from ..types import ChannelSet, Keep, Orders
+
+if TYPE_CHECKING:
+    from .spec import PlanSpec
+
+_EPS = 1e-9                # floor(r * C) is taken on r * C + _EPS so that 0.57 * 100 removes 57, not 56
+
+Counts = dict[str, int]    # channels removed per set: the first counts[name] of its removal order
+
+
+def removed_count(ratio: float, size: int) -> int:
+    """Channels a ratio removes from a set of ``size``: floor(ratio * size), robust to 0.57 * 100 = 56.99..."""
+    return math.floor(ratio * size + _EPS)
+
+
+def settle(count: int, size: int, min_channels: int = 1, round_to: int = 1) -> int:
+    """The removal count a set of ``size`` takes when a protocol asks for ``count``: never more, so that it
+    keeps at least ``min_channels`` and a multiple of ``round_to`` channels (the kept count is rounded up),
+    or the whole set where that multiple would not be below ``size``."""
+    kept = size - max(0, min(count, size - min_channels))
+    kept = -(-kept // round_to) * round_to
+    return size - kept if kept < size else 0
+
+
+def step_up(count: int, size: int, min_channels: int = 1, round_to: int = 1) -> int | None:
+    """The next larger removal count a set can settle on after ``count``; None when there is none."""
+    return next((n for c in range(count + 1, size + 1) if (n := settle(c, size, min_channels, round_to)) > count),
+                None)
+
+
+def smallest_kept(size: int, min_channels: int = 1, round_to: int = 1) -> int:
+    """The fewest channels a set of ``size`` can keep; ``size`` when it cannot be pruned at all."""
+    return size - settle(size, size, min_channels, round_to)
+
+
+def keep_from_counts(orders: Orders, sets: list[ChannelSet], counts: Counts) -> Keep:
+    """Per set, the sorted channels left when the first ``counts[name]`` of its removal order are removed."""
+    keep = {}
+    for s in sets:
+        removed = set(orders[s.name].removal[:counts[s.name]])
+        keep[s.name] = [c for c in range(s.size) if c not in removed]
+    return keep
+
+
+@dataclass
+class PlanContext:
+    """Everything a protocol may plan with. ``model``/``example_input`` count MACs (and give the paper rate
+    layouts); ``loss_of`` measures a pruned copy, built by ``prune_fn`` (default: ``apply_keep`` without
+    compensation); ``sensitivity`` is a table measured before; ``progress`` shows bars for long loops."""
+
+    orders: Orders
+    sets: list[ChannelSet]
+    spec: PlanSpec
+    model: nn.Module | None = None
+    example_input: torch.Tensor | None = None
+    loss_of: Callable[[nn.Module], float] | None = None
+    prune_fn: Callable[[Keep], nn.Module] | None = None
+    sensitivity: dict[str, Any] | None = None
+    progress: bool = False
+    _meter: MacsMeter | None = field(default=None, init=False, repr=False)
+
+    def settled(self, counts: Counts) -> Counts:
+        """``counts`` after ``min_channels`` and ``round_to`` (see ``settle``)."""
+        spec = self.spec
+        return {s.name: settle(counts[s.name], s.size, spec.min_channels, spec.round_to) for s in self.sets}
+
+    def pruned(self, counts: Counts) -> nn.Module:
+        return self.pruner()(keep_from_counts(self.orders, self.sets, counts))
+
+    def pruner(self) -> Callable[[Keep], nn.Module]:
+        if self.prune_fn is None:
+            model, example = self.needs_model()
+            self.prune_fn = lambda keep: apply_keep(model, keep, example)
+        return self.prune_fn
+
+    def meter(self) -> MacsMeter:
+        if self._meter is None:
+            self._meter = MacsMeter(*self.needs_model())
+        return self._meter
+
+    def needs_model(self) -> tuple[nn.Module, torch.Tensor]:
+        if self.model is None or self.example_input is None:
+            raise ValueError(f"prune.{self.spec.protocol} needs the model and an example input to count MACs")
+        return self.model, self.example_input
+
+
+class Strategy:
+    """One protocol: how removal orders become per-set removal counts.
+
+    ``name`` is also the ``PlanSpec`` field that selects the protocol: it applies when that field is set
+    (not None); the strategy with ``default = True`` applies when no other one is selected.
+    """
+
+    name: ClassVar[str]
+    default: ClassVar[bool] = False
+
+    def check(self, spec: PlanSpec) -> None:
+        """Checks of the protocol's own fields that need nothing but the spec (run at construction)."""
+
+    def uses_threshold(self, spec: PlanSpec) -> bool:
+        """Whether the plan compares the scorer's ``Order.values`` with a threshold."""
+        return False
+
+    def validate(self, spec: PlanSpec, sets: list[ChannelSet], model: nn.Module | None) -> None:
+        """Checks that need the channel sets (and, where given, the model), before any statistics."""
+
+    def counts(self, ctx: PlanContext) -> tuple[Counts, dict[str, Any]]:
+        """The removal count of every set of ``ctx.sets`` and what the plan record should hold beside them.
+        ``make_keep`` settles the counts (``PlanContext.settled``); a protocol that measures pruned copies
+        settles its candidates itself, so that it measures what will be pruned."""
+        raise NotImplementedError
+
+
+PROTOCOLS: dict[str, Strategy] = {}
+
+
+def register_protocol(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make a protocol available to ``PlanSpec`` under ``cls.name`` (a name registered
+    twice warns; the later class wins)."""
+    if cls.name in PROTOCOLS:
+        warnings.warn(f"protocol {cls.name!r} is registered twice; the later class wins", stacklevel=2)
+    PROTOCOLS[cls.name] = cls()
+    return cls
