@@ -3,28 +3,23 @@ import torch
 
 from qsfm_cli.evaluate import count_macs, count_params
 from qsfm_cli.models import create_model, list_models
-from qsfm_cli.references import conv_linear_params
-
-# Published figures: He et al. 2016 (params of the CIFAR ResNets), HRank/CHIP (VGG-16-BN params);
-# MACs of conv + linear layers at 32x32. Params are published to two decimals (in millions).
-PUBLISHED = {
-    "resnet20": (None, 0.27e6),
-    "resnet32": (None, 0.46e6),
-    "resnet44": (None, 0.66e6),
-    "resnet56": (125.49e6, 0.85e6),
-    "resnet110": (252.89e6, 1.73e6),
-    "vgg16_bn": (313.7e6, 14.98e6),
-}
+from qsfm_cli.papers import PUBLISHED_SIZES, conv_linear_params, published_size
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED))
+@pytest.mark.parametrize("name", [n for n in list_models() if published_size(n) is not None])
 def test_macs_and_params_match_published(name):
+    """MACs of conv + linear layers at 32x32; params as published, to two decimals (in millions)."""
     model = create_model(name)
-    macs, params = PUBLISHED[name]
-    if macs is not None:
-        assert count_macs(model) == pytest.approx(macs, rel=2e-3)
-    counted = conv_linear_params(model) if name == "vgg16_bn" else count_params(model)
-    assert counted == pytest.approx(params, abs=0.005e6)
+    size = published_size(name)
+    if size.macs_M is not None:
+        assert count_macs(model) / 1e6 == pytest.approx(size.macs_M, rel=2e-3)
+    counted = conv_linear_params(model) if size.params_counting == "conv_linear" else count_params(model)
+    assert counted / 1e6 == pytest.approx(size.params_M, abs=0.005)
+
+
+def test_published_sizes_name_registered_models_and_known_countings():
+    assert {row.model for row in PUBLISHED_SIZES} <= set(list_models())
+    assert {row.params_counting for row in PUBLISHED_SIZES} <= {"all", "conv_linear"}
 
 
 def test_resnet56_exact_figures():

@@ -13,11 +13,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from qsfm_cli.evaluate import count_macs, count_params
-from qsfm_cli.models import create_model
+from qsfm_cli.models import create_model, list_models
 from qsfm_cli.plan import PlanSpec, make_keep
 from qsfm_cli.pruning import (apply_keep, architecture, build_model, channel_sets, classifier_name,
                               prunable_channels)
-from qsfm_cli.references import conv_linear_params, reference, thop_flops
+from qsfm_cli.papers import conv_linear_params, reference, thop_flops
 from qsfm_cli.types import Order
 
 
@@ -111,12 +111,12 @@ def assert_equivalent(model, x, sets, keep, targets):
     return pruned
 
 
-CIFAR = ["resnet20", "resnet56", "resnet110", "vgg16_bn", "mobilenetv2"]
+REGISTERED = list_models()  # each pruned by its family adapter
 
 
-@pytest.mark.parametrize("name", CIFAR)
+@pytest.mark.parametrize("name", REGISTERED)
 @pytest.mark.parametrize("scope", ["default", "stage"])
-def test_cifar_pruning_equals_masking(name, scope):
+def test_registered_model_pruning_equals_masking(name, scope):
     model = randomized(create_model(name))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 32, 32, generator=g)
@@ -225,8 +225,8 @@ def test_untraced_layers_are_named():
         channel_sets(create_model("tv_googlenet", init_weights=True), torch.zeros(1, 3, 64, 64), "all")
 
 
-@pytest.mark.parametrize("name", CIFAR)
-def test_cifar_architecture_round_trips(name):
+@pytest.mark.parametrize("name", REGISTERED)
+def test_registered_architecture_round_trips(name):
     model = randomized(create_model(name))
     x = torch.randn(2, 3, 32, 32)
     pruned = apply_keep(model, random_keep(channel_sets(model, x, "all"), torch.Generator().manual_seed(3)), x)
