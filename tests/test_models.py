@@ -1,8 +1,12 @@
+import warnings
+
 import pytest
 import torch
 
+import qsfm_cli.models as models
 from qsfm_cli.evaluate import count_macs, count_params
-from qsfm_cli.models import create_model, list_models
+from qsfm_cli.models import (WeightCard, create_model, default_normalization, list_models, model_card,
+                             pretrained_models, register_model)
 from qsfm_cli.papers import PUBLISHED_SIZES, conv_linear_params, published_size
 
 
@@ -56,3 +60,52 @@ def test_torchvision_models_by_prefix():
 def test_unknown_model_names_the_choices():
     with pytest.raises(ValueError, match=r"unknown model 'resnet57'; accepted: .*resnet56"):
         create_model("resnet57")
+
+
+@pytest.mark.parametrize("name", pretrained_models())
+def test_weight_cards_describe_what_the_weights_fit(name):
+    card = model_card(name)
+    assert card.url.endswith(f"{name}-{card.sha256}.th") and card.license and card.source
+    model = create_model(name, num_classes=card.num_classes).eval()
+    assert model(torch.zeros(1, *card.input_size)).shape == (1, card.num_classes)
+    assert default_normalization(name, card.dataset) == (card.mean, card.std)
+    assert default_normalization(name, "digits") is None  # trained here: the dataset's own statistics
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if n not in pretrained_models()])
+def test_models_without_public_weights_have_no_card(name):
+    assert model_card(name) is None and default_normalization(name, "cifar10") is None
+
+
+def test_cards_of_unknown_and_torchvision_models():
+    assert model_card("tv_resnet18") is None
+    with pytest.raises(ValueError, match="unknown model 'resnet57'"):
+        model_card("resnet57")
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"url": "https://host/resnet20.th"}, "must name its file <name>-12fca82f.<ext>"),
+    ({"sha256": "12FCA82F"}, "sha256 '12FCA82F' must be 8 to 64 lowercase hex digits"),
+])
+def test_a_card_must_carry_a_checkable_hash(fields, message):
+    good = dict(url="https://host/resnet20-12fca82f.th", sha256="12fca82f", mean=(0.5,) * 3, std=(0.25,) * 3,
+                input_size=(3, 32, 32), num_classes=10, dataset="cifar10", source="test", license="MIT")
+    WeightCard(**good)
+    with pytest.raises(ValueError, match=message):
+        WeightCard(**{**good, **fields})
+
+
+def test_a_name_registered_twice_warns(monkeypatch):
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    monkeypatch.setattr(models, "_CARDS", dict(models._CARDS))
+    original = models._REGISTRY["resnet20"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        register_model(original)  # the same constructor again (a re-import) is no duplicate
+
+    def resnet20(num_classes: int = 10):
+        return torch.nn.Linear(3, num_classes)
+
+    with pytest.warns(UserWarning, match="model 'resnet20' registered twice; the later definition wins"):
+        register_model(resnet20)
+    assert isinstance(create_model("resnet20"), torch.nn.Linear) and model_card("resnet20") is None

@@ -230,10 +230,21 @@ def test_registered_architecture_round_trips(name):
     model = randomized(create_model(name))
     x = torch.randn(2, 3, 32, 32)
     pruned = apply_keep(model, random_keep(channel_sets(model, x, "all"), torch.Generator().manual_seed(3)), x)
-    rebuilt = build_model(json.loads(json.dumps(architecture(pruned))))
+    rebuilt = build_model(json.loads(json.dumps(architecture(pruned))), pruned.state_dict())
     rebuilt.load_state_dict(pruned.state_dict())
     with torch.no_grad():
         assert torch.equal(rebuilt.eval()(x), pruned(x))
+
+
+def test_mobilenet_stem_pruned_to_a_stage_width_keeps_block0_plain():
+    """Block 0 (16 outputs) has no residual add; a stem pruned to 16 channels must not gain one."""
+    model = randomized(create_model("mobilenetv2"))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    sets = channel_sets(model, x, "stage")
+    keep = {**random_keep(sets, g), "conv1": list(range(0, 32, 2))}
+    pruned = assert_equivalent(model, x, sets, keep, cifar_mask(sets, keep))
+    assert [b.residual for b in pruned.layers] == [b.residual for b in model.layers]
 
 
 # -------------------------------------------------------------------------- published rows (no data)
