@@ -54,7 +54,8 @@ def set_in(*keys_and_value):
 
 RESNET_TAMPERING = [
     (set_in("kwargs", "mid_widths", 3, 10**9), "kwargs.mid_widths[3] is 1000000000; accepted: an integer in [1, 32]"),
-    (set_in("kwargs", "stage_widths", 1, 10**9), "kwargs.stage_widths[1] is 1000000000; accepted: an integer in [1, 32]"),
+    (set_in("kwargs", "stage_widths", 1, 10**9),
+     "kwargs.stage_widths[1] is 1000000000; accepted: an integer in [1, 32]"),
     (set_in("kwargs", "stem_width", 0), "kwargs.stem_width is 0; accepted: an integer in [1, 16]"),
     (set_in("kwargs", "mid_widths", 0, True), "kwargs.mid_widths[0] is True"),
     (set_in("kwargs", "mid_widths", 0, 2.5), "kwargs.mid_widths[0] is 2.5"),
@@ -65,6 +66,7 @@ RESNET_TAMPERING = [
     (set_in("kwargs", "depth", 1000), "kwargs key is 'depth'; accepted: stage_widths, mid_widths"),
     (set_in("shapes", {}), "architecture key is 'shapes'; accepted: name, num_classes, kwargs"),
     (set_in("name", "resnet57"), "unknown model 'resnet57'"),
+    (lambda arch, state: arch.pop("name"), "architecture keys is ['kwargs', 'num_classes']"),
     (set_in("name", 56), "name is 56"),
     (set_in("num_classes", -3), "num_classes is -3; accepted: a positive integer"),
     (set_in("num_classes", 10**9), "state_dict does not fit its architecture spec (shape: linear.weight (10, 64) "

@@ -55,18 +55,40 @@ def zero_outputs(model: nn.Module, targets: dict[str, list[int]]):
     return [model.get_submodule(name).register_forward_hook(hook(idx)) for name, idx in targets.items()]
 
 
-def cifar_mask(sets, keep) -> dict[str, list[int]]:
-    """BatchNorm after each producing conv (conv1 -> bn1, features.conv3 -> features.norm3), and the
-    output of each block of a residual stream."""
+def norms_after(model: nn.Module, x: torch.Tensor) -> dict[str, str]:
+    """The BatchNorm that reads each conv's output, found by running the model."""
+    wrote, read, alive = {}, {}, []
+
+    def record(name, table, pick):
+        def hook(_module, inputs, out):
+            table[name] = id(pick(inputs, out))
+            alive.extend((inputs[0], out))
+        return hook
+
+    handles = [m.register_forward_hook(record(n, wrote, lambda i, o: o)) for n, m in model.named_modules()
+               if isinstance(m, nn.Conv2d)]
+    handles += [m.register_forward_hook(record(n, read, lambda i, o: i[0])) for n, m in model.named_modules()
+                if isinstance(m, _BatchNorm)]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    by_input = {v: k for k, v in read.items()}
+    return {conv: by_input[out] for conv, out in wrote.items() if out in by_input}
+
+
+def family_mask(model, x, sets, keep) -> dict[str, list[int]]:
+    """The BatchNorm after each producing conv, and for a residual stream the output of the module that
+    holds each producer (the block, whose output is the stream)."""
+    norms = norms_after(model, x)
     targets = {}
     for s in sets:
         idx = removed(s, keep)
         if not idx:
             continue
         for p in s.producers:
-            parent, _, last = p.rpartition(".")
-            bn = last.replace("conv", "norm" if p.startswith("features") else "bn")
-            targets[f"{parent}.{bn}" if parent else bn] = idx
+            targets[norms[p]] = idx
+            parent = p.rpartition(".")[0]
             if s.kind == "stream" and parent:
                 targets[parent] = idx
     return targets
@@ -123,7 +145,7 @@ def test_registered_model_pruning_equals_masking(name, scope):
     sets = channel_sets(model, x, scope)
     for _ in range(3):
         keep = random_keep(sets, g)
-        assert_equivalent(model, x, sets, keep, cifar_mask(sets, keep))
+        assert_equivalent(model, x, sets, keep, family_mask(model, x, sets, keep))
 
 
 TORCHVISION = [("tv_resnet18", {}), ("tv_mobilenet_v3_small", {}), ("tv_efficientnet_b0", {}),
@@ -155,7 +177,7 @@ def test_a_pruned_model_prunes_again_exactly(name, shape):
     once = apply_keep(model, random_keep(channel_sets(model, x, "all"), g), x)
     sets = channel_sets(once, x, "all")
     keep = random_keep(sets, g)
-    mask = cifar_mask(sets, keep) if name != "tv_resnet18" else torch_pruning_mask(once, x, sets, keep)
+    mask = family_mask(once, x, sets, keep) if name != "tv_resnet18" else torch_pruning_mask(once, x, sets, keep)
     assert_equivalent(once, x, sets, keep, mask)
 
 
@@ -243,7 +265,7 @@ def test_mobilenet_stem_pruned_to_a_stage_width_keeps_block0_plain():
     x = torch.randn(2, 3, 32, 32, generator=g)
     sets = channel_sets(model, x, "stage")
     keep = {**random_keep(sets, g), "conv1": list(range(0, 32, 2))}
-    pruned = assert_equivalent(model, x, sets, keep, cifar_mask(sets, keep))
+    pruned = assert_equivalent(model, x, sets, keep, family_mask(model, x, sets, keep))
     assert [b.residual for b in pruned.layers] == [b.residual for b in model.layers]
 
 

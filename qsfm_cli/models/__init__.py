@@ -74,11 +74,8 @@ def pretrained_models() -> list[str]:
 
 
 def model_card(name: str) -> WeightCard | None:
-    """The card of model ``name``'s public weights; None for a model without any (and for ``tv_*``,
-    which are built untrained)."""
-    if name not in _REGISTRY and not (name.startswith("tv_") and _torchvision_builder(name[3:])):
-        raise ValueError(f"unknown model {name!r}; accepted: {', '.join(list_models())} or "
-                         "tv_<torchvision model name>")
+    """The card of model ``name``'s public weights; None for a model registered without one and for any
+    other name (``tv_*`` models are built untrained; ``create_model`` is what checks a name)."""
     return _CARDS.get(name)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from ..models import create_model, list_models
 from ..papers import RateLayout
 from ..types import ChannelSet, Keep
-from .base import SPEC_KEYS, Adapter, adapter_for, check_keys, register_adapter, shapes_only, spec_error
+from .base import Adapter, adapter_for, check_keys, register_adapter, shapes_only, spec_error
 from .generic import GenericAdapter
 from . import mobilenetv2, resnet_cifar, vgg  # noqa: F401,E402  (register the family adapters)
 
@@ -113,7 +113,7 @@ def _checked_adapter(arch: Any) -> Adapter:
     check_keys("architecture", arch, GenericAdapter.spec_keys)
     for key in ("name", "num_classes"):
         if key not in arch:
-            raise spec_error("architecture", sorted(arch), f"a mapping holding {', '.join(SPEC_KEYS)}")
+            raise spec_error("architecture keys", sorted(arch), "name, num_classes and optionally kwargs")
     name, num_classes = arch["name"], arch["num_classes"]
     if not isinstance(name, str):
         raise spec_error("name", name, f"{', '.join(list_models())} or tv_<torchvision model name>")
