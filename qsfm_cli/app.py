@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from . import outputs, references
+from . import outputs, papers
 
 log = logging.getLogger("qsfm_cli")
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -40,6 +40,7 @@ def build(node: DictConfig, **kwargs):
 
 def build_experiment(cfg: DictConfig, run_dir: Path):
     """Translate a composed config into plain arguments for ``pipeline.run_experiment``."""
+    from .models import default_normalization
     from .pipeline import EvalSpec, Experiment, resolve_device
     from .plan import PlanSpec
 
@@ -51,6 +52,8 @@ def build_experiment(cfg: DictConfig, run_dir: Path):
                                  if k not in recovery_keys})
     train_set, test_set = build(cfg.dataset)
     mean, std = cfg.model.mean, cfg.model.std
+    if mean is None and std is None:  # the recipe on the weights' card, if they were trained on this dataset
+        mean, std = default_normalization(cfg.model.name, cfg.dataset.name) or (None, None)
     train_set, test_set = train_set.with_normalization(mean, std), test_set.with_normalization(mean, std)
     prune = cfg.prune
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -82,7 +85,7 @@ def build_experiment(cfg: DictConfig, run_dir: Path):
         save_model=cfg.save_model,
         progress=cfg.progress,
         record={"dataset": cfg.dataset.name, "config": resolved,
-                "reference": references.reference(cfg.reference).as_dict() if cfg.reference else None},
+                "reference": papers.reference(cfg.reference).as_dict() if cfg.reference else None},
     )
 
 

@@ -1,24 +1,18 @@
-"""Baseline weights: local files, URLs (checked by torch.hub's sha256 prefix) and built-in public weights."""
+"""Baseline weights: local files, URLs (checked by torch.hub's sha256 prefix) and the registered models'
+public weights (their ``WeightCard``)."""
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import torch
 from torch import nn
 
-_AKAMASTER = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
-# The public CIFAR-10 weights of the pytorch_resnet_cifar10 project; the hex part is a sha256 prefix.
-PRETRAINED = {
-    "resnet20": _AKAMASTER + "resnet20-12fca82f.th",
-    "resnet32": _AKAMASTER + "resnet32-d509ac18.th",
-    "resnet44": _AKAMASTER + "resnet44-014dd654.th",
-    "resnet56": _AKAMASTER + "resnet56-4bfd9763.th",
-    "resnet110": _AKAMASTER + "resnet110-1d1ed7c2.th",
-}
-# The recipe those weights were trained with: inputs in [0, 1] normalized with ImageNet statistics.
-PRETRAINED_MEAN = (0.485, 0.456, 0.406)
-PRETRAINED_STD = (0.229, 0.224, 0.225)
+from .models import model_card, pretrained_models
 
 
 class CheckpointError(ValueError):
@@ -26,39 +20,69 @@ class CheckpointError(ValueError):
 
 
 def pretrained_url(model_name: str) -> str:
-    try:
-        return PRETRAINED[model_name]
-    except KeyError:
-        raise CheckpointError(
-            f"no built-in pretrained weights for model {model_name!r}; available for: "
-            f"{', '.join(PRETRAINED)} (CIFAR-10); pass model.checkpoint=PATH_OR_URL instead") from None
+    """The URL of ``model_name``'s public weights, from its card."""
+    card = model_card(model_name)
+    if card is None:
+        available = ", ".join(f"{name} ({model_card(name).dataset})" for name in pretrained_models())
+        raise CheckpointError(f"no built-in pretrained weights for model {model_name!r}; available for: "
+                              f"{available}; pass model.checkpoint=PATH_OR_URL instead")
+    return card.url
 
 
 def read_state_dict(source: str, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint at a path or URL; ``{'state_dict': ...}`` wrappers and ``module.`` prefixes
-    are removed. Only tensors and plain containers are unpickled unless ``allow_pickle`` is set."""
-    if "://" in source:
-        obj = _download(source, allow_pickle)
+    """Tensors of a checkpoint at a path or URL (``file://`` URLs are local paths); ``{'state_dict': ...}``
+    wrappers and ``module.`` prefixes are removed. Only tensors and plain containers are unpickled unless
+    ``allow_pickle`` is set."""
+    url = urlparse(source)
+    if url.scheme == "file":
+        # A local file: read in place, not copied into torch.hub's download cache.
+        if url.netloc not in ("", "localhost"):
+            raise CheckpointError(f"checkpoint {source!r} names host {url.netloc!r}; a file:// URL must be "
+                                  "local (file:///absolute/path)")
+        path = Path(url2pathname(url.path))
+    elif "://" in source:
+        path = _download(source)
     else:
         path = Path(source).expanduser()
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {source!r} not found (model.checkpoint must be a file or URL)")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-        except Exception as err:
-            hint = "" if allow_pickle else " (it may hold pickled objects: model.allow_pickle=true loads those)"
-            raise CheckpointError(f"cannot read checkpoint {source!r}: {_first_line(err)}{hint}") from None
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {source!r} not found (model.checkpoint must be a file or URL)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except Exception as err:
+        raise CheckpointError(_unreadable(source, path, err)) from None
     return _unwrap(obj, source)
 
 
-def _download(url: str, allow_pickle: bool):
-    try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True,
-                                                  weights_only=not allow_pickle, progress=False)
-    except Exception as err:
-        raise CheckpointError(
-            f"cannot fetch checkpoint {url!r}: {_first_line(err)}; offline, download it elsewhere and pass "
-            f"model.checkpoint=PATH") from None
+def _download(url: str) -> Path:
+    """torch.hub's cached copy of ``url`` (``<hub dir>/checkpoints/<file name>``), fetched once and checked
+    against the sha256 prefix its file name carries (``name-<hex>.ext``), as ``torch.hub`` does."""
+    name = Path(urlparse(url).path).name
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if not cached.is_file():
+        digest = torch.hub.HASH_REGEX.search(name)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(cached), digest.group(1) if digest else None, progress=False)
+        except Exception as err:
+            raise CheckpointError(
+                f"cannot fetch checkpoint {url!r}: {_first_line(err)}; offline, download it elsewhere and pass "
+                f"model.checkpoint=PATH") from None
+    return cached
+
+
+def _unreadable(source: str, path: Path, err: BaseException) -> str:
+    """Why ``torch.load`` failed, in one line; the unsafe switch is named only for a file that is a
+    readable pickle refused for holding objects other than tensors."""
+    where = f"cannot read checkpoint {source!r}"
+    if path.stat().st_size == 0:
+        return f"{where}: the file is empty"
+    refused = re.search(r"GLOBAL ([\w.]+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
+    if refused:
+        return (f"{where}: it pickles {refused.group(1)}, not only tensors; model.allow_pickle=true loads it "
+                "(only for a file you trust)")
+    if isinstance(err, (ImportError, AttributeError)):  # allow_pickle: a class the file names is missing
+        return f"{where}: {_first_line(err)}"
+    return f"{where}: not a torch checkpoint (truncated or corrupt?)"
 
 
 def _unwrap(obj, source: str) -> dict[str, torch.Tensor]:

@@ -130,6 +130,6 @@ def load_pruned(path: str | Path, map_location: str | torch.device = "cpu") -> n
     from .pruning import build_model
 
     payload = torch.load(path, map_location=map_location, weights_only=True)
-    model = build_model(payload["architecture"])
+    model = build_model(payload["architecture"], payload["state_dict"])
     model.load_state_dict(payload["state_dict"])
     return model.eval()

@@ -19,7 +19,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from .outputs import METRICS_FILE, atomic_write, results_row, write_text
-from .references import Reference, references_for
+from .papers import Reference, references_for
 
 TRAIN_LOG = "train_log.csv"
 SORT_KEYS = ["model", "scorer", "metric", "compensate", "bn_recalibration", "ratio", "threshold",

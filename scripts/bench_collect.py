@@ -13,11 +13,11 @@ import time
 
 import torch
 
-from qsfm_cli.checkpoints import PRETRAINED_MEAN, PRETRAINED_STD, load_weights
+from qsfm_cli.checkpoints import load_weights
 from qsfm_cli.collect import collect_stats
 from qsfm_cli.data import load_dataset
 from qsfm_cli.loaders import DeviceLoader
-from qsfm_cli.models import create_model
+from qsfm_cli.models import create_model, model_card
 from qsfm_cli.pruning import channel_sets
 from qsfm_cli.scoring import get_scorer
 
@@ -42,7 +42,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     train, _ = load_dataset("cifar10", args.data, download=False, verify=False)
-    images = train.with_normalization(PRETRAINED_MEAN, PRETRAINED_STD).sample(args.num_images, args.seed)
+    card = model_card("resnet56")
+    images = train.with_normalization(card.mean, card.std).sample(args.num_images, args.seed)
     model = load_weights(create_model("resnet56"), args.checkpoint).eval().to(device)
     sets = channel_sets(model, torch.zeros(1, 3, 32, 32, device=device), "default")   # each block's conv1
     scorer = get_scorer("qsfm")

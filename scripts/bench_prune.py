@@ -24,7 +24,7 @@ from qsfm_cli.evaluate import count_macs, count_params, forward_ms
 from qsfm_cli.models import create_model
 from qsfm_cli.plan import PlanSpec, make_keep
 from qsfm_cli.pruning import apply_keep, channel_sets
-from qsfm_cli.references import conv_linear_params, reference, thop_flops
+from qsfm_cli.papers import conv_linear_params, reference, thop_flops
 from qsfm_cli.scoring import get_scorer
 
 CASES = [("resnet56", 0.3), ("resnet56", 0.5), ("resnet56", 0.7), ("mobilenetv2", 0.5)]

@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from qsfm_cli.app import build, config_dir
+from qsfm_cli.papers import reference
 from qsfm_cli.plan import PlanSpec
-from qsfm_cli.references import reference
 from qsfm_cli.train import TrainRecipe
 
 CONF = config_dir()

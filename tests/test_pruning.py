@@ -13,11 +13,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from qsfm_cli.evaluate import count_macs, count_params
-from qsfm_cli.models import create_model
+from qsfm_cli.models import create_model, list_models
 from qsfm_cli.plan import PlanSpec, make_keep
 from qsfm_cli.pruning import (apply_keep, architecture, build_model, channel_sets, classifier_name,
                               prunable_channels)
-from qsfm_cli.references import conv_linear_params, reference, thop_flops
+from qsfm_cli.papers import conv_linear_params, reference, thop_flops
 from qsfm_cli.types import Order
 
 
@@ -55,18 +55,40 @@ def zero_outputs(model: nn.Module, targets: dict[str, list[int]]):
     return [model.get_submodule(name).register_forward_hook(hook(idx)) for name, idx in targets.items()]
 
 
-def cifar_mask(sets, keep) -> dict[str, list[int]]:
-    """BatchNorm after each producing conv (conv1 -> bn1, features.conv3 -> features.norm3), and the
-    output of each block of a residual stream."""
+def norms_after(model: nn.Module, x: torch.Tensor) -> dict[str, str]:
+    """The BatchNorm that reads each conv's output, found by running the model."""
+    wrote, read, alive = {}, {}, []
+
+    def record(name, table, pick):
+        def hook(_module, inputs, out):
+            table[name] = id(pick(inputs, out))
+            alive.extend((inputs[0], out))
+        return hook
+
+    handles = [m.register_forward_hook(record(n, wrote, lambda i, o: o)) for n, m in model.named_modules()
+               if isinstance(m, nn.Conv2d)]
+    handles += [m.register_forward_hook(record(n, read, lambda i, o: i[0])) for n, m in model.named_modules()
+                if isinstance(m, _BatchNorm)]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    by_input = {v: k for k, v in read.items()}
+    return {conv: by_input[out] for conv, out in wrote.items() if out in by_input}
+
+
+def family_mask(model, x, sets, keep) -> dict[str, list[int]]:
+    """The BatchNorm after each producing conv, and for a residual stream the output of the module that
+    holds each producer (the block, whose output is the stream)."""
+    norms = norms_after(model, x)
     targets = {}
     for s in sets:
         idx = removed(s, keep)
         if not idx:
             continue
         for p in s.producers:
-            parent, _, last = p.rpartition(".")
-            bn = last.replace("conv", "norm" if p.startswith("features") else "bn")
-            targets[f"{parent}.{bn}" if parent else bn] = idx
+            targets[norms[p]] = idx
+            parent = p.rpartition(".")[0]
             if s.kind == "stream" and parent:
                 targets[parent] = idx
     return targets
@@ -111,19 +133,19 @@ def assert_equivalent(model, x, sets, keep, targets):
     return pruned
 
 
-CIFAR = ["resnet20", "resnet56", "resnet110", "vgg16_bn", "mobilenetv2"]
+REGISTERED = list_models()  # each pruned by its family adapter
 
 
-@pytest.mark.parametrize("name", CIFAR)
+@pytest.mark.parametrize("name", REGISTERED)
 @pytest.mark.parametrize("scope", ["default", "stage"])
-def test_cifar_pruning_equals_masking(name, scope):
+def test_registered_model_pruning_equals_masking(name, scope):
     model = randomized(create_model(name))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 32, 32, generator=g)
     sets = channel_sets(model, x, scope)
     for _ in range(3):
         keep = random_keep(sets, g)
-        assert_equivalent(model, x, sets, keep, cifar_mask(sets, keep))
+        assert_equivalent(model, x, sets, keep, family_mask(model, x, sets, keep))
 
 
 TORCHVISION = [("tv_resnet18", {}), ("tv_mobilenet_v3_small", {}), ("tv_efficientnet_b0", {}),
@@ -155,7 +177,7 @@ def test_a_pruned_model_prunes_again_exactly(name, shape):
     once = apply_keep(model, random_keep(channel_sets(model, x, "all"), g), x)
     sets = channel_sets(once, x, "all")
     keep = random_keep(sets, g)
-    mask = cifar_mask(sets, keep) if name != "tv_resnet18" else torch_pruning_mask(once, x, sets, keep)
+    mask = family_mask(once, x, sets, keep) if name != "tv_resnet18" else torch_pruning_mask(once, x, sets, keep)
     assert_equivalent(once, x, sets, keep, mask)
 
 
@@ -225,15 +247,26 @@ def test_untraced_layers_are_named():
         channel_sets(create_model("tv_googlenet", init_weights=True), torch.zeros(1, 3, 64, 64), "all")
 
 
-@pytest.mark.parametrize("name", CIFAR)
-def test_cifar_architecture_round_trips(name):
+@pytest.mark.parametrize("name", REGISTERED)
+def test_registered_architecture_round_trips(name):
     model = randomized(create_model(name))
     x = torch.randn(2, 3, 32, 32)
     pruned = apply_keep(model, random_keep(channel_sets(model, x, "all"), torch.Generator().manual_seed(3)), x)
-    rebuilt = build_model(json.loads(json.dumps(architecture(pruned))))
+    rebuilt = build_model(json.loads(json.dumps(architecture(pruned))), pruned.state_dict())
     rebuilt.load_state_dict(pruned.state_dict())
     with torch.no_grad():
         assert torch.equal(rebuilt.eval()(x), pruned(x))
+
+
+def test_mobilenet_stem_pruned_to_a_stage_width_keeps_block0_plain():
+    """Block 0 (16 outputs) has no residual add; a stem pruned to 16 channels must not gain one."""
+    model = randomized(create_model("mobilenetv2"))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    sets = channel_sets(model, x, "stage")
+    keep = {**random_keep(sets, g), "conv1": list(range(0, 32, 2))}
+    pruned = assert_equivalent(model, x, sets, keep, family_mask(model, x, sets, keep))
+    assert [b.residual for b in pruned.layers] == [b.residual for b in model.layers]
 
 
 # -------------------------------------------------------------------------- published rows (no data)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from qsfm_cli import report
-from qsfm_cli.references import REFERENCES, references_for
+from qsfm_cli.papers import REFERENCES, references_for
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BASE = {"top1": 93.0, "top5": 99.5, "macs": 125_000_000, "params": 850_000, "latency_ms": {"b1": 2.0, "b64": 40.0}}

@@ -44,13 +44,17 @@ class InvertedResidual(nn.Module):
         return out + x if self.residual else out
 
 
-def _block_specs(stem: int = 32):
-    """(in, hidden, out, stride, expand, residual) of every block of the unpruned network."""
+def block_specs(stem: int = 32):
+    """(in, hidden, out, stride, expand, residual) of every block of the unpruned network with a
+    ``stem``-wide stem."""
     specs, in_planes = [], stem
     for t, c, n, s in CIFAR_STAGES:
         for i in range(n):
             stride = s if i == 0 else 1
-            specs.append((in_planes, in_planes * t, c, stride, t != 1, stride == 1 and in_planes == c))
+            # The repeats of a stage add their input; a stage's first block changes the width, so it never
+            # does, whatever the widths after pruning (a stem pruned to 16 channels must not turn block 0
+            # residual).
+            specs.append((in_planes, in_planes * t, c, stride, t != 1, i > 0))
             in_planes = c
     return specs
 
@@ -59,7 +63,7 @@ class CifarMobileNetV2(nn.Module):
     def __init__(self, num_classes: int = 10, stem: int = 32, hidden_widths: Sequence[int] | None = None,
                  out_widths: Sequence[int] | None = None, head: int = 1280):
         super().__init__()
-        specs = _block_specs(stem)
+        specs = block_specs(stem)
         self.stem = stem
         self.hidden_widths = list(hidden_widths) if hidden_widths is not None else [s[1] for s in specs]
         self.out_widths = list(out_widths) if out_widths is not None else [s[2] for s in specs]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register_model
+from . import WeightCard, register_model
 
 
 class PadShortcut(nn.Module):
@@ -114,13 +114,28 @@ class CifarResNet(nn.Module):
                 "stem_width": self.stem_width}
 
 
+_AKAMASTER = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
+# The public CIFAR-10 weights of the pytorch_resnet_cifar10 project (depth -> sha256 prefix), trained on
+# inputs in [0, 1] normalized with ImageNet statistics.
+_PUBLIC_WEIGHTS = {20: "12fca82f", 32: "d509ac18", 44: "014dd654", 56: "4bfd9763", 110: "1d1ed7c2"}
+
+
+def _card(depth: int) -> WeightCard | None:
+    sha = _PUBLIC_WEIGHTS.get(depth)
+    if sha is None:
+        return None
+    return WeightCard(url=f"{_AKAMASTER}resnet{depth}-{sha}.th", sha256=sha, mean=(0.485, 0.456, 0.406),
+                      std=(0.229, 0.224, 0.225), input_size=(3, 32, 32), num_classes=10, dataset="cifar10",
+                      source="akamaster/pytorch_resnet_cifar10 (Yerlan Idelbayev)", license="BSD-2-Clause")
+
+
 def _resnet(depth: int):
     def build(num_classes: int = 10, **kwargs) -> CifarResNet:
         return CifarResNet(depth, num_classes, **kwargs)
 
     build.__name__ = f"resnet{depth}"
     build.__doc__ = f"CIFAR ResNet-{depth}, option-A shortcut."
-    return register_model(build)
+    return register_model(build, card=_card(depth))
 
 
 resnet8, resnet20, resnet32, resnet44, resnet56, resnet110 = (_resnet(d) for d in (8, 20, 32, 44, 56, 110))

@@ -28,9 +28,7 @@ def create(name: str, num_classes: int, **kwargs) -> nn.Module:
     arch = name[len(PREFIX):]
     if not timm.is_model(arch):
         raise ValueError(f"unknown model {name!r}: timm has no model {arch!r} (timm.list_models() lists them)")
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
-    model.registry_spec = {"name": name, "num_classes": num_classes, "kwargs": dict(kwargs)}
-    return model
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
 
 
 def preprocessing(name: str) -> Preprocessing:

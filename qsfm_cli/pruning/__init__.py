@@ -1,26 +1,34 @@
 """Physical channel removal: smaller tensors, the same function as the masked network.
 
 ``channel_sets`` lists what can be pruned, ``apply_keep`` builds the pruned copy, ``architecture`` /
-``build_model`` describe and rebuild a pruned architecture as plain JSON (no pickled modules). The CIFAR
-models have their own exact rules (``cifar.py``); every other CNN goes through Torch-Pruning
-(``generic.py``).
+``build_model`` describe and rebuild a pruned architecture as plain JSON (no pickled modules). Each model
+family has its adapter, found by the model's type (``register_adapter``; one module per family here:
+``resnet_cifar``, ``vgg``, ``mobilenetv2``); every other CNN goes through Torch-Pruning (``generic``).
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from ..models import create_model
+from ..models import create_model, list_models
+from ..papers import RateLayout
 from ..types import ChannelSet, Keep
-from . import cifar, generic
-from .cifar import RateLayout
+from .base import Adapter, adapter_for, check_keys, register_adapter, shapes_only, spec_error
+from .generic import GenericAdapter
+from . import mobilenetv2, resnet_cifar, vgg  # noqa: F401,E402  (register the family adapters)
 
 SCOPES = ("default", "stage", "all")
+FALLBACK = GenericAdapter()
 
-__all__ = ["SCOPES", "RateLayout", "apply_keep", "architecture", "build_model", "channel_sets",
-           "classifier_name", "prunable_channels", "rate_layouts"]
+__all__ = ["SCOPES", "Adapter", "RateLayout", "apply_keep", "architecture", "build_model", "channel_sets",
+           "classifier_name", "get_adapter", "prunable_channels", "rate_layouts", "register_adapter"]
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter of ``model``'s family; Torch-Pruning's for a model no family adapter handles."""
+    return adapter_for(model, FALLBACK)
 
 
 def channel_sets(model: nn.Module, example_input: torch.Tensor, scope: str = "default") -> list[ChannelSet]:
@@ -32,9 +40,7 @@ def channel_sets(model: nn.Module, example_input: torch.Tensor, scope: str = "de
     """
     if scope not in SCOPES:
         raise ValueError(f"unknown prune.scope {scope!r}; accepted: {', '.join(SCOPES)}")
-    if cifar.is_cifar(model):
-        return cifar.channel_sets(model, scope)
-    return generic.channel_sets(model, example_input, scope)
+    return get_adapter(model).channel_sets(model, example_input, scope)
 
 
 def prunable_channels(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
@@ -44,25 +50,21 @@ def prunable_channels(model: nn.Module, example_input: torch.Tensor) -> dict[str
 
 def classifier_name(model: nn.Module, example_input: torch.Tensor) -> str:
     """Module path of the final classifier, whose outputs are never pruned."""
-    if cifar.is_cifar(model):
-        return cifar.classifier_name(model)
-    return generic.classifier_name(model, example_input)
+    return get_adapter(model).classifier_name(model, example_input)
 
 
 def rate_layouts(model: nn.Module) -> list[RateLayout]:
     """Published per-layer rate layouts for ``model`` (CIFAR ResNets: CHIP's and HRank's)."""
-    return cifar.rate_layouts(model) if cifar.is_cifar(model) else []
+    return get_adapter(model).rate_layouts(model)
 
 
 def apply_keep(model: nn.Module, keep: Mapping[str, Sequence[int]], example_input: torch.Tensor) -> nn.Module:
     """A new, physically pruned model keeping ``keep[name]`` channels of each named set (sets not named
     keep all); ``model`` is left untouched."""
-    sets = channel_sets(model, example_input, "all")
-    complete = _checked_keep(sets, keep, lambda: classifier_name(model, example_input))
-    if cifar.is_cifar(model):
-        return cifar.apply_keep(model, complete)
-    changed = {s.name: complete[s.name] for s in sets if len(complete[s.name]) < s.size}
-    return generic.apply_keep(model, changed, example_input)
+    adapter = get_adapter(model)
+    sets = adapter.channel_sets(model, example_input, "all")
+    complete = _checked_keep(sets, keep, lambda: adapter.classifier_name(model, example_input))
+    return adapter.apply_keep(model, complete, example_input)
 
 
 def _checked_keep(sets: list[ChannelSet], keep: Mapping[str, Sequence[int]], classifier) -> Keep:
@@ -84,50 +86,62 @@ def _checked_keep(sets: list[ChannelSet], keep: Mapping[str, Sequence[int]], cla
 
 # --------------------------------------------------------------------------------------- architecture
 def architecture(model: nn.Module) -> dict:
-    """JSON-able description that ``build_model`` turns back into this (possibly pruned) architecture.
+    """JSON-able description that ``build_model`` turns back into this (possibly pruned) architecture:
+    the registry name, the number of classes and the family's own fields (the widths of a CIFAR model;
+    for any other model the ``create_model`` arguments and the shapes of every layer that differs from a
+    freshly built one)."""
+    return get_adapter(model).architecture(model)
 
-    CIFAR models are described by their widths; any other model by the ``registry_spec`` that
-    ``create_model`` attached to it plus the shapes of every layer that differs from a freshly built one.
+
+def build_model(arch: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """Rebuild (untrained) the architecture ``architecture`` described; load the state dict after.
+
+    The spec is checked before anything is built from it: a known model name, only the keys its family
+    knows, positive integer widths no larger than the unpruned network's, consistent shortcut and layer
+    shapes; with ``state_dict``, its tensors must have exactly the sizes the spec gives. Anything else is
+    one ValueError line.
     """
-    if cifar.is_cifar(model):
-        return {"name": cifar.registry_name(model), "num_classes": cifar.num_classes(model),
-                "kwargs": model.widths()}
-    spec = getattr(model, "registry_spec", None)
-    if spec is None:
-        raise ValueError(f"architecture() needs a {type(model).__name__} built by qsfm_cli.models.create_model "
-                         "(it records the registry name and arguments)")
-    fresh = create_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"])
-    return {**spec, "shapes": _shape_diff(fresh, model)}
+    adapter = _checked_adapter(arch)
+    if state_dict is not None:
+        with shapes_only():
+            expected = adapter.build(arch).state_dict()
+        _check_state(expected, state_dict)
+    return adapter.build(arch)
 
 
-def build_model(arch: Mapping) -> nn.Module:
-    """Rebuild (untrained) the architecture ``architecture`` described; load the state dict after."""
-    model = create_model(arch["name"], num_classes=arch["num_classes"], **arch.get("kwargs", {}))
-    for module_name, shape in arch.get("shapes", {}).items():
-        module = model.get_submodule(module_name)
-        for attr, value in shape["attrs"].items():
-            setattr(module, attr, value)
-        for tensor_name, size in shape["tensors"].items():
-            old = getattr(module, tensor_name)
-            new = torch.zeros(size, dtype=old.dtype)
-            setattr(module, tensor_name, nn.Parameter(new) if isinstance(old, nn.Parameter) else new)
-    return model
+def _checked_adapter(arch: Any) -> Adapter:
+    check_keys("architecture", arch, GenericAdapter.spec_keys)
+    for key in ("name", "num_classes"):
+        if key not in arch:
+            raise spec_error("architecture keys", sorted(arch), "name, num_classes and optionally kwargs")
+    name, num_classes = arch["name"], arch["num_classes"]
+    if not isinstance(name, str):
+        raise spec_error("name", name, f"{', '.join(list_models())} or tv_<torchvision model name>")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise spec_error("num_classes", num_classes, "a positive integer")
+    kwargs = arch.get("kwargs", {})
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise spec_error("kwargs", kwargs, "a mapping of argument names to values")
+    if name in list_models():
+        with shapes_only():
+            adapter = get_adapter(create_model(name, num_classes=1))
+    else:
+        adapter = FALLBACK
+    check_keys("architecture", arch, adapter.spec_keys)
+    adapter.check_architecture(arch)
+    return adapter
 
 
-_SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features")
-
-
-def _shape_diff(fresh: nn.Module, model: nn.Module) -> dict:
-    diff = {}
-    fresh_modules = dict(fresh.named_modules())
-    for name, module in model.named_modules():
-        ref = fresh_modules[name]
-        tensors = {t: list(v.shape) for t, v in [*module.named_parameters(recurse=False),
-                                                  *module.named_buffers(recurse=False)]
-                   if v is not None and list(v.shape) != list(getattr(ref, t).shape)}
-        attrs = {a: getattr(module, a) for a in _SHAPE_ATTRS
-                 if hasattr(module, a) and getattr(module, a) != getattr(ref, a)}
-        if tensors or attrs:
-            diff[name] = {"attrs": attrs, "tensors": tensors}
-    return diff
-
+def _check_state(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("bad pruned model: its state_dict is not a mapping of names to tensors")
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs spec {tuple(expected[k].shape)}"
+              for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+                 if items]
+        raise ValueError(f"bad pruned model: its state_dict does not fit its architecture spec "
+                         f"({'; '.join(parts)})")

@@ -6,11 +6,17 @@ is one channel set, named by its first producing conv in module order; the model
 conv/linear layer the forward pass runs) never has its outputs pruned. Groups that run through a grouped,
 non-depthwise conv (RegNet, ResNeXt) are left out: removing single channels there would change the group
 sizes, which a grouped conv cannot hold.
+
+The fallback adapter: it handles every model no family adapter is registered for. A pruned architecture
+is described by the ``registry_spec`` that ``create_model`` attached (name, classes, keyword arguments)
+plus the shapes of every layer that differs from a freshly built one.
 """
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 import torch_pruning as tp
@@ -18,7 +24,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from ..types import ChannelSet
+from ..models import create_model
+from ..types import ChannelSet, Keep
+from .base import Adapter, check_keys, shapes_only, spec_error
 
 _LAYERS = (_ConvNd, nn.Linear, _BatchNorm)
 
@@ -147,21 +155,8 @@ def _norm_after(traced: _Traced, layer: str) -> str:
     return ""
 
 
-def channel_sets(model: nn.Module, example_input: torch.Tensor, scope: str) -> list[ChannelSet]:
-    """Scope "default": every set but residual streams; "stage"/"all": every set; in forward order."""
-    traced = _Traced(model, example_input)
-    sets = [s for g in traced.groups() if (s := _channel_set(traced, g)) is not None]
-    if scope == "default":
-        sets = [s for s in sets if s.kind != "stream"]
-    return sorted(sets, key=lambda s: traced.run.order[s.name])
-
-
-def classifier_name(model: nn.Module, example_input: torch.Tensor) -> str:
-    return _Traced(model, example_input).classifier
-
-
-def apply_keep(model: nn.Module, keep: dict[str, list[int]], example_input: torch.Tensor) -> nn.Module:
-    """A pruned deep copy of ``model``; ``keep`` maps set names to sorted kept indices."""
+def _prune(model: nn.Module, keep: Keep, example_input: torch.Tensor) -> nn.Module:
+    """A pruned deep copy of ``model``; ``keep`` maps the sets that lose channels to sorted kept indices."""
     pruned = copy.deepcopy(model)
     graph = _Traced(pruned, example_input).graph
     # Every group's indices are taken on the unpruned graph and each (layer, pruning function) is cut once
@@ -182,3 +177,134 @@ def apply_keep(model: nn.Module, keep: dict[str, list[int]], example_input: torc
         group.add_dep(dep, sorted(idxs))
     group.prune(record_history=False)
     return pruned
+
+
+# Layer attributes that pruning changes, and so the architecture spec may set.
+_SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features")
+
+
+class GenericAdapter(Adapter):
+    spec_keys = ("name", "num_classes", "kwargs", "shapes")
+
+    def channel_sets(self, model: nn.Module, example_input: torch.Tensor, scope: str) -> list[ChannelSet]:
+        """Scope "default": every set but residual streams; "stage"/"all": every set; in forward order."""
+        traced = _Traced(model, example_input)
+        sets = [s for g in traced.groups() if (s := _channel_set(traced, g)) is not None]
+        if scope == "default":
+            sets = [s for s in sets if s.kind != "stream"]
+        return sorted(sets, key=lambda s: traced.run.order[s.name])
+
+    def classifier_name(self, model: nn.Module, example_input: torch.Tensor) -> str:
+        return _Traced(model, example_input).classifier
+
+    def apply_keep(self, model: nn.Module, keep: Keep, example_input: torch.Tensor) -> nn.Module:
+        sizes = {name: model.get_submodule(name).out_channels for name in keep}
+        return _prune(model, {n: k for n, k in keep.items() if len(k) < sizes[n]}, example_input)
+
+    def architecture(self, model: nn.Module) -> dict:
+        spec = getattr(model, "registry_spec", None)
+        if spec is None:
+            raise ValueError(f"architecture() needs a {type(model).__name__} built by "
+                             "qsfm_cli.models.create_model (it records the registry name and arguments)")
+        fresh = create_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"])
+        return {**spec, "shapes": _shape_diff(fresh, model)}
+
+    def check_architecture(self, arch: Mapping[str, Any]) -> None:
+        name, kwargs = arch["name"], arch.get("kwargs", {})
+        with shapes_only(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # builders' notices about their default arguments
+            default = create_model(name, num_classes=arch["num_classes"])
+            try:
+                fresh = create_model(name, num_classes=arch["num_classes"], **kwargs)
+            except Exception as err:
+                raise spec_error("kwargs", dict(kwargs), f"keyword arguments {name} accepts "
+                                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        if _numel(fresh) > _numel(default):
+            raise spec_error("kwargs", dict(kwargs), f"arguments that build {name} no larger than its default")
+        shapes = arch.get("shapes", {})
+        modules = dict(fresh.named_modules())
+        check_keys("shapes", shapes, list(modules))
+        for module_name, shape in shapes.items():
+            _check_shape(f"shapes[{module_name!r}]", shape, modules[module_name])
+        _apply_shapes(fresh, shapes)
+        for module_name, module in fresh.named_modules():
+            problem = _inconsistency(module)
+            if problem:
+                raise spec_error(f"shapes[{module_name!r}]", shapes.get(module_name), problem)
+
+    def build(self, arch: Mapping[str, Any]) -> nn.Module:
+        model = create_model(arch["name"], num_classes=arch["num_classes"], **arch.get("kwargs", {}))
+        _apply_shapes(model, arch.get("shapes", {}))
+        return model
+
+
+def _numel(model: nn.Module) -> int:
+    return sum(t.numel() for t in [*model.parameters(), *model.buffers()])
+
+
+def _check_shape(field: str, shape: Any, ref: nn.Module) -> None:
+    """Attributes and tensor sizes of one layer: known names, no larger than the fresh layer ``ref``."""
+    check_keys(field, shape, ("attrs", "tensors"))
+    attrs, tensors = shape.get("attrs", {}), shape.get("tensors", {})
+    check_keys(f"{field}.attrs", attrs, [a for a in _SHAPE_ATTRS if hasattr(ref, a)])
+    for attr, value in attrs.items():
+        limit = getattr(ref, attr)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise spec_error(f"{field}.attrs.{attr}", value, f"an integer in [1, {limit}]")
+    own = {n: t for n, t in [*ref.named_parameters(recurse=False), *ref.named_buffers(recurse=False)]
+           if t is not None}
+    check_keys(f"{field}.tensors", tensors, list(own))
+    for tensor_name, size in tensors.items():
+        limit = list(own[tensor_name].shape)
+        if not isinstance(size, (list, tuple)) or len(size) != len(limit) or any(
+                isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= m for d, m in zip(size, limit)):
+            raise spec_error(f"{field}.tensors.{tensor_name}", size,
+                             f"a size of {len(limit)} integers, each at most {limit}")
+
+
+def _inconsistency(module: nn.Module) -> str:
+    """What disagrees between a layer's attributes and its tensors' sizes ("" if nothing)."""
+    if isinstance(module, _ConvNd):
+        c_out, c_in, groups = module.out_channels, module.in_channels, module.groups
+        expected = [c_out, c_in // groups, *module.kernel_size]
+        if c_in % groups or c_out % groups:
+            return f"in_channels {c_in} and out_channels {c_out} divisible by groups {groups}"
+    elif isinstance(module, nn.Linear):
+        c_out, expected = module.out_features, [module.out_features, module.in_features]
+    elif isinstance(module, _BatchNorm):
+        c_out, expected = module.num_features, [module.num_features]
+    else:
+        return ""
+    sizes = {n: list(t.shape) for n, t in [*module.named_parameters(recurse=False),
+                                           *module.named_buffers(recurse=False)] if t is not None}
+    wanted = {"weight": expected, "bias": [c_out], "running_mean": [c_out], "running_var": [c_out]}
+    for tensor_name, size in sizes.items():
+        if tensor_name in wanted and size != wanted[tensor_name]:
+            return f"{tensor_name} of size {wanted[tensor_name]} (what the layer's attributes give)"
+    return ""
+
+
+def _apply_shapes(model: nn.Module, shapes: Mapping[str, Mapping]) -> None:
+    for module_name, shape in shapes.items():
+        module = model.get_submodule(module_name)
+        for attr, value in shape.get("attrs", {}).items():
+            setattr(module, attr, value)
+        for tensor_name, size in shape.get("tensors", {}).items():
+            old = getattr(module, tensor_name)
+            new = torch.zeros(size, dtype=old.dtype)
+            setattr(module, tensor_name, nn.Parameter(new) if isinstance(old, nn.Parameter) else new)
+
+
+def _shape_diff(fresh: nn.Module, model: nn.Module) -> dict:
+    diff = {}
+    fresh_modules = dict(fresh.named_modules())
+    for name, module in model.named_modules():
+        ref = fresh_modules[name]
+        tensors = {t: list(v.shape) for t, v in [*module.named_parameters(recurse=False),
+                                                  *module.named_buffers(recurse=False)]
+                   if v is not None and list(v.shape) != list(getattr(ref, t).shape)}
+        attrs = {a: getattr(module, a) for a in _SHAPE_ATTRS
+                 if hasattr(module, a) and getattr(module, a) != getattr(ref, a)}
+        if tensors or attrs:
+            diff[name] = {"attrs": attrs, "tensors": tensors}
+    return diff

@@ -1,8 +1,10 @@
-"""Published results that reports mark beside this tool's own runs.
+"""What the papers state, in one place: their result rows, their per-layer rate layouts, the sizes they
+give the unpruned networks, and the conventions they count by.
 
-Each row keeps the figures exactly as the paper states them, with where in the paper they are stated.
-A figure a paper does not state is ``None``: reductions are derived from absolute MACs/params only
-against the paper's own baseline, never filled in by guess.
+Result rows (``REFERENCES``) are what reports mark beside this tool's own runs. Each keeps the figures
+exactly as the paper states them, with where in the paper they are stated. A figure a paper does not state
+is ``None``: reductions are derived from absolute MACs/params only against the paper's own baseline, never
+filled in by guess.
 
 Not included: the similarity-score paper (Cui et al., BDCC 2023), whose figures we could not check;
 QSFM's fine-tuned CIFAR rows, whose settings we could not check (its ILSVRC-12 MobileNetV2 row is in, as the
@@ -11,7 +13,7 @@ abstract states it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -167,3 +169,61 @@ def thop_flops(model: nn.Module) -> int:
         for handle in handles:
             handle.remove()
     return macs + 2 * sum(bn) + (8 * 8 + 1) * model.stage_widths[-1]
+
+
+# ------------------------------------------------------------------------- the unpruned networks' sizes
+
+@dataclass(frozen=True)
+class PublishedSize:
+    """An unpruned network's size as the literature states it: ``macs_M`` (None where not stated) and
+    ``params_M``, counted with BatchNorm (``params_counting="all"``) or without it (``"conv_linear"``),
+    both in millions and rounded as published (two decimals)."""
+
+    model: str
+    macs_M: float | None
+    params_M: float
+    params_counting: str
+    source: str
+
+
+PUBLISHED_SIZES: tuple[PublishedSize, ...] = (
+    PublishedSize("resnet20", None, 0.27, "all", "He et al. 2016"),
+    PublishedSize("resnet32", None, 0.46, "all", "He et al. 2016"),
+    PublishedSize("resnet44", None, 0.66, "all", "He et al. 2016"),
+    PublishedSize("resnet56", 125.49, 0.85, "all", f"He et al. 2016; {HRANK_SOURCE}"),
+    PublishedSize("resnet110", 252.89, 1.73, "all", f"He et al. 2016; {HRANK_SOURCE}"),
+    PublishedSize("vgg16_bn", 313.7, 14.98, "conv_linear", HRANK_SOURCE),
+)
+
+
+def published_size(model: str) -> PublishedSize | None:
+    return next((row for row in PUBLISHED_SIZES if row.model == model), None)
+
+
+# ---------------------------------------------------------------------------------- rate layouts
+
+@dataclass(frozen=True)
+class RateLayout:
+    """How a published per-layer rate list maps onto channel sets: ``targets[k]`` is the set entry ``k``
+    prunes, ``None`` for an entry the paper's code ignores."""
+
+    name: str
+    description: str
+    targets: tuple[str | None, ...]
+
+
+def resnet_rate_layouts(blocks: Sequence[str]) -> list[RateLayout]:
+    """CHIP's and HRank's rate lists for a CIFAR ResNet whose residual blocks are ``blocks`` (module
+    paths ``layerS.B``, in forward order), over the channel sets of ``pruning.resnet_cifar``."""
+    inner = tuple(f"{b}.conv1" for b in blocks)
+    n = len(blocks)
+    chip = RateLayout(
+        "chip", f"CHIP, {3 + n} entries: stem conv, stage-1 and stage-2 block outputs, then the inner width "
+        f"of each of the {n} blocks (stage-3 outputs are never pruned; needs prune.scope=stage)",
+        ("conv1", "layer1.0.conv2", "layer2.0.conv2") + inner)
+    per_conv = (None,) + tuple(t for name in inner for t in (name, None))
+    hrank = RateLayout(
+        "hrank", f"HRank, {1 + 2 * n} entries, one per conv: stem, then conv1, conv2 of each block; as in "
+        "HRank's pruned-model code only the conv1 entries apply (stem and conv2 entries are ignored)",
+        per_conv)
+    return [chip, hrank]
