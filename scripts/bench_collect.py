@@ -1,6 +1,7 @@
-"""Collect + score (QSFM, ssim) for ResNet-56's block-internal channels vs bare forward passes.
+"""Collect + score (QSFM, ssim) for a CIFAR ResNet's block-internal channels vs bare forward passes.
 
     python scripts/bench_collect.py --data ../shared/data --checkpoint ../shared/checkpoints/resnet56-4bfd9763.th
+    python scripts/bench_collect.py          # synthetic images, untrained weights: the same work, for speed only
 
 Both runs see the same ``--num-images`` CIFAR-10 training images (seeded sample) in batches of
 ``--batch-size`` on ``--device``; each is timed ``--repeats`` times and the fastest run is reported, so that
@@ -29,8 +30,9 @@ def sync(device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data", help="CIFAR-10 root; synthetic images when absent")
+    parser.add_argument("--checkpoint", help="weights; untrained when absent")
+    parser.add_argument("--model", default="resnet56")
     parser.add_argument("--num-images", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -41,10 +43,16 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    train, _ = load_dataset("cifar10", args.data, download=False, verify=False)
-    card = model_card("resnet56")
+    if args.data:
+        train, _ = load_dataset("cifar10", args.data, download=False, verify=False)
+    else:
+        train, _ = load_dataset("fake", size=32, train_size=args.num_images, test_size=1, seed=args.seed)
+    card = model_card(args.model)
     images = train.with_normalization(card.mean, card.std).sample(args.num_images, args.seed)
-    model = load_weights(create_model("resnet56"), args.checkpoint).eval().to(device)
+    model = create_model(args.model)
+    if args.checkpoint:
+        model = load_weights(model, args.checkpoint)
+    model = model.eval().to(device)
     sets = channel_sets(model, torch.zeros(1, 3, 32, 32, device=device), "default")   # each block's conv1
     scorer = get_scorer("qsfm")
 
@@ -71,7 +79,7 @@ def main() -> None:
         orders = collect_and_score()
         collect_times.append(time.perf_counter() - start)
     fwd, col = min(forward_times), min(collect_times)
-    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; ResNet-56, "
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; {args.model}, "
           f"{len(sets)} block-internal channel sets, {len(images)} images, batch {args.batch_size}")
     print(f"bare forward passes       {fwd:8.3f} s   (runs: {', '.join(f'{t:.3f}' for t in forward_times)})")
     print(f"collect + score (qsfm)    {col:8.3f} s   (runs: {', '.join(f'{t:.3f}' for t in collect_times)})")
