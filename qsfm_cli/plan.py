@@ -38,8 +38,6 @@ from .types import ChannelSet, Keep, Orders
 ALLOCATIONS = ("uniform", "threshold", "sensitivity")
 DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 TOLERANCE = 0.005          # how close a searched MACs reduction must come to its target (0.5 pp)
-# Keys of the prune/ config group that the pipeline, not the planner, uses.
-PIPELINE_KEYS = ("compensate", "ridge", "bn_recalibration", "iterative_steps")
 _EPS = 1e-9                # floor(r * C) is taken on r * C + _EPS so that 0.57 * 100 removes 57, not 56
 
 
@@ -171,13 +169,12 @@ class PlanSpec:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "PlanSpec":
-        """From the ``prune`` config mapping; the pipeline's own keys (compensation, ...) are skipped."""
+        """From the ``prune`` config mapping."""
         names = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(cfg) - names - set(PIPELINE_KEYS))
+        unknown = sorted(set(cfg) - names)
         if unknown:
-            raise ValueError(f"unknown key prune.{unknown[0]}; accepted: "
-                             f"{', '.join(sorted(names | set(PIPELINE_KEYS)))}")
-        values = {k: v for k, v in cfg.items() if k in names}
+            raise ValueError(f"unknown key prune.{unknown[0]}; accepted: {', '.join(sorted(names))}")
+        values = dict(cfg)
         if "sensitivity_grid" in values:
             values["sensitivity_grid"] = tuple(values["sensitivity_grid"])
         return cls(**values)

@@ -110,7 +110,7 @@ def test_sets_without_plain_consumers_are_skipped_and_said_so():
     assert torch.equal(model.layer2[0].conv2.weight, before)
     status = compensate(model, [inner], stats, orders, keep, "lstsq")
     assert status == {"layer2.0.conv1": "compensated"}
-    with pytest.raises(ValueError, match="unknown prune.compensate 'twins'; accepted: none, twin, lstsq"):
+    with pytest.raises(ValueError, match="unknown compensation 'twins'; accepted: twin, lstsq"):
         compensate(model, [inner], stats, orders, keep, "twins")
 
 

@@ -66,16 +66,17 @@ def test_bad_specs_fail_with_one_line(kwargs, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_spec_from_config_skips_pipeline_keys_and_names_unknown_ones():
+def test_spec_from_config_names_unknown_keys():
     cfg = {"ratio": 0.3, "rates": None, "threshold": None, "target_macs_reduction": None,
            "allocation": "uniform", "sensitivity_grid": [0.5, 0.25], "sensitivity_images": 64,
-           "scope": "default", "min_channels": 1, "compensate": "none", "ridge": 1e-3,
-           "bn_recalibration": 0, "iterative_steps": 1}
+           "scope": "default", "min_channels": 1}
     spec = PlanSpec.from_config(cfg)
     assert spec.ratio == 0.3 and spec.sensitivity_grid == (0.25, 0.5) and spec.protocol == "ratio"
     assert spec.describe()["protocol"] == "ratio" and spec.describe()["ratio"] == 0.3
     with pytest.raises(ValueError, match="unknown key prune.ration; accepted: allocation"):
         PlanSpec.from_config({"ration": 0.3})
+    with pytest.raises(ValueError, match="unknown key prune.compensate; accepted: allocation"):
+        PlanSpec.from_config({**cfg, "compensate": "none"})
 
 
 def test_describe_writes_a_rate_list_as_a_string():
