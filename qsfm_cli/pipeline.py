@@ -349,11 +349,14 @@ def evaluate_stage(model: nn.Module, exp: Experiment, cache: Cache) -> Metrics:
 
 def run_stages(exp: Experiment, ctx: RunContext) -> tuple[Results, nn.Module]:
     """Every stage from the baseline to the evaluation; returns the results and the pruned model."""
+    example = exp.test_set.images[:1].float()
+    # The plan needs only the architecture: it is checked before any weights are loaded or trained.
+    bare = create_model(exp.model_name, num_classes=exp.train_set.num_classes, **exp.model_kwargs).eval()
+    exp.plan.validate(channel_sets(bare, example, scope=exp.plan.scope), bare, scorer=exp.scorer)
     with ctx.stage("baseline"):
         model = load_baseline(exp, ctx.cache).to(exp.device).eval()
-    example = exp.test_set.images[:1].float().to(exp.device)
+    example = example.to(exp.device)
     sets = channel_sets(model, example, scope=exp.plan.scope)
-    exp.plan.validate(sets, model, scorer=exp.scorer)
 
     orders, stats, orders_key = collect_and_score(model, sets, exp, ctx)
     with ctx.stage("plan"):

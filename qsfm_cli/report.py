@@ -28,7 +28,8 @@ SORT_KEYS = ["model", "dataset", "scorer", "scorer.metric", "recovery", "prune.r
              "prune.target_macs_reduction", "finetune.epochs", "seed", "run"]
 MD_COLUMNS = {  # results.csv column -> results.md header
     "model": "model", "dataset": "dataset", "series": "series", "protocol": "protocol", "prune.ratio": "ratio",
-    "prune.threshold": "threshold", "prune.target_macs_reduction": "MACs target", "seed": "seed",
+    "prune.threshold": "threshold", "prune.target_macs_reduction": "MACs target", "finetune.epochs": "FT epochs",
+    "seed": "seed",
     "base_top1": "base top-1", "top1_before_finetune": "top-1 pruned", "pruned_top1": "top-1 final",
     "top1_drop": "top-1 drop", "pruned_MACs_M": "MACs (M)", "MACs_reduction_%": "MACs ↓%",
     "pruned_params_M": "params (M)", "params_reduction_%": "params ↓%", "speedup_b1": "speedup b1",
@@ -229,7 +230,7 @@ def time_summary(ok: pd.DataFrame) -> str:
     total = ok["time_total_s"].sum()
     parts = [f"{c[5:-2]} {ok[c].sum():.1f} s" for c in stages if ok[c].notna().any()]
     other = total - sum(ok[c].sum() for c in stages)
-    parts.append(f"other (baseline, loading) {other:.1f} s")
+    parts.append(f"other (loading) {other:.1f} s")
     return f"Job time summed over these runs: {total:.1f} s ({', '.join(parts)}).\n"
 
 
@@ -251,12 +252,10 @@ def _references_for_runs(ok: pd.DataFrame) -> list[Reference]:
 
 def series_parts(runs: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     """Per run, its criterion (the scorer, with its similarity metric where not SSIM: the colour of a line)
-    and its variant (the recovery label, fine-tuning, then ``key=value`` for every other setting that
-    varies among ``runs``, but the seed and the pruned amount: the line style). Runs of different settings
-    (``series_key``) never share both."""
-    covered = _LABELLED | set(AMOUNTS) | {"seed"}
-    varying = [c for c in runs.columns if is_setting_column(c) and c not in covered
-               and runs[c].map(_text).nunique() > 1]
+    and its variant (the line style): the recovery label and fine-tuning, then ``key=value`` for any other
+    setting, the seed and the pruned amount aside, where runs of one panel whose labels would be equal
+    differ in it (the panel's most common value goes unsaid). Runs of different settings (``series_key``) never
+    share both within a model and dataset."""
 
     def criterion(run: pd.Series) -> str:
         metric = run.get("scorer.metric")
@@ -266,9 +265,21 @@ def series_parts(runs: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
         text = f" +{run['recovery']}" if _given(run.get("recovery")) and run["recovery"] != "none" else ""
         if _given(run.get("finetune.epochs")) and run["finetune.epochs"] > 0:
             text += f", FT {int(run['finetune.epochs'])} ep"
-        return text + "".join(f", {c}={_text(run[c])}" for c in varying if _given(run[c]))
+        return text
 
-    return runs.apply(criterion, axis=1), runs.apply(variant, axis=1)
+    criteria, variants = runs.apply(criterion, axis=1), runs.apply(variant, axis=1)
+    panel = runs["model"].astype(str) + "|" + runs["dataset"].astype(str) + "|"
+    covered = _LABELLED | set(AMOUNTS) | {"seed"}
+    for column in (c for c in runs.columns if is_setting_column(c) and c not in covered):
+        values = runs[column].map(_text)
+        common = values.groupby(panel).agg(lambda v: v.value_counts().sort_index().idxmax())
+        for _, members in values.groupby(panel + criteria + variants):
+            if members.nunique() < 2:
+                continue
+            for index, value in members.items():
+                if value != common[panel[index]]:
+                    variants[index] += f", {column}={value}" if value else f", {column} unset"
+    return criteria, variants
 
 
 def series_labels(runs: pd.DataFrame) -> pd.Series:
@@ -309,7 +320,8 @@ def plot_pareto(df: pd.DataFrame) -> Figure:
     ok["criterion"], ok["variant"] = series_parts(ok)
     amounts = [c for c in AMOUNTS if c in ok.columns]
     panels = list(ok.groupby(["model", "dataset"], sort=True))
-    fig = Figure(figsize=(7.0 * len(panels), 6.5), layout="constrained")
+    legend_rows = max(runs["series_key"].nunique() for _, runs in panels) / 2 + 3   # references included
+    fig = Figure(figsize=(7.0 * len(panels), 5.0 + 0.18 * legend_rows), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, ((model, dataset), runs) in zip(axes, panels):
         colors = {c: f"C{i % 10}" for i, c in enumerate(sorted(runs["criterion"].unique()))}
