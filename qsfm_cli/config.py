@@ -31,7 +31,10 @@ def schema(name: str, source: type, *, extra: tuple = (), exclude: tuple[str, ..
     for f in dataclasses.fields(source):
         if f.name in exclude:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else MISSING
         fields.append((f.name, _config_type(hints[f.name]), _default(default)))
     return make_dataclass(name, fields, bases=bases)
 
@@ -52,9 +55,10 @@ def _config_type(hint: Any) -> Any:
 
 
 def _default(value: Any) -> Any:
-    if isinstance(value, (list, tuple, dict)):
-        copy = type(value)(value) if isinstance(value, dict) else list(value)
-        return field(default_factory=lambda: copy)
+    if isinstance(value, dict):
+        return field(default_factory=lambda: dict(value))
+    if isinstance(value, (list, tuple)):
+        return field(default_factory=lambda: list(value))
     return field(default=value)
 
 

@@ -9,15 +9,12 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .record import OK
-
-if TYPE_CHECKING:
-    from .record import RunRecord
+from .record import OK, RunRecord
 
 METRICS_FILE = "metrics.json"
 RESULTS_FILE = "results.csv"
@@ -82,7 +79,7 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text(path, buf.getvalue())
 
 
-def results_row(record: "RunRecord") -> dict[str, Any]:
+def results_row(record: RunRecord) -> dict[str, Any]:
     """The one-row summary of a finished run: its setting columns (``Settings.columns``), then the
     figures (``metrics.json`` holds the full record)."""
     results = record.results
@@ -131,7 +128,7 @@ def refuse_finished(run_dir: Path) -> None:
                                f"would overwrite; choose another run directory (hydra.run.dir=...)")
 
 
-def write_record(run_dir: Path, record: "RunRecord") -> None:
+def write_record(run_dir: Path, record: RunRecord) -> None:
     """``metrics.json``, and for a finished run ``results.csv``; a finished run's record is never replaced
     by one that is not."""
     run_dir = Path(run_dir)

@@ -1,7 +1,6 @@
 """qsfm-report on hand-made run directories (the layout qsfm-run writes)."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
