@@ -91,13 +91,8 @@ class Settings:
 
     def identity(self, exclude: tuple[str, ...] = ()) -> str:
         """One text for every run of the same setting: the columns except the seed and ``exclude``."""
-        return identity(self.columns(), exclude)
-
-
-def identity(columns: Mapping[str, Any], exclude: tuple[str, ...] = ()) -> str:
-    """``Settings.identity`` of a row of setting columns (missing and unset values are the same)."""
-    kept = {k: v for k, v in columns.items() if k != "seed" and k not in exclude and not _unset(v)}
-    return json.dumps(kept, sort_keys=True, default=str)
+        kept = {k: v for k, v in self.columns().items() if k != "seed" and k not in exclude}
+        return json.dumps(kept, sort_keys=True)
 
 
 def is_setting_column(column: str) -> bool:
@@ -209,7 +204,3 @@ def _rank(column: str) -> int:
         if column == key or (key.endswith(".") and column.startswith(key)):
             return i
     return len(_ORDER)
-
-
-def _unset(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and value != value)

@@ -84,15 +84,15 @@ def read_overrides(run_dir: Path) -> str:
 
 def run_row(run_dir: Path, record: RunRecord | str, label: str) -> dict[str, Any]:
     """One report row: status, the setting columns and, for a finished run, its results row, timings and
-    cache status. ``setting`` is the run's identity without the seed (runs sharing it are seeds of one
-    setting); ``series`` the same without the pruned amount (the points of one plotted line)."""
+    cache status. ``series_key`` is the run's identity without the seed and the pruned amount: runs sharing
+    it are the points of one plotted line, and those that share the amount too are seeds of one setting."""
     row: dict[str, Any] = {"run": label, "path": str(run_dir), "overrides": read_overrides(run_dir)}
     if isinstance(record, str):
         return {**row, "status": FAILED, "error": record}
     row.update(status=record.status, error=record.error)
     if record.settings is None:
         return {**row, **config_columns(record.config or {})}
-    row.update(setting=record.settings.identity(), series_key=record.settings.identity(exclude=AMOUNTS))
+    row["series_key"] = record.settings.identity(exclude=AMOUNTS)
     if record.status != OK:
         return {**row, **record.settings.columns()}
     row.update(results_row(record))
@@ -423,7 +423,7 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, layers_run: str | Path |
     """
     out = Path(out_dir)
     ok, rest = ok_runs(df), df[df["status"] != OK]
-    internal = ["status", "error", "has_train_log", "setting", "series_key"]
+    internal = ["status", "error", "has_train_log", "series_key"]
     written = [_write_frame(ok.drop(columns=internal, errors="ignore").dropna(axis=1, how="all"),
                             out / "results.csv")]
     if len(rest):

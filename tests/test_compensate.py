@@ -159,7 +159,7 @@ def test_lstsq_without_ridge_folds_exactly_next_to_a_dead_kept_channel(constant)
     exact, status = output_error(model, x, keep, "lstsq", order, ridge=0.0)
     assert status == {"0": "compensated"} and plain > 0.1 and exact < 1e-5
     s = channel_sets(model, x)[0]
-    with pytest.raises(ValueError, match=r"prune.ridge must be >= 0 \(0: plain least squares\), got -0.1"):
+    with pytest.raises(ValueError, match=r"recover.ridge must be >= 0 \(0: plain least squares\), got -0.1"):
         compensate(model, [s], {s.name: moments(model, s, x)}, {s.name: order}, keep, "lstsq", ridge=-0.1)
 
 

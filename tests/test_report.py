@@ -114,7 +114,7 @@ def test_write_report_writes_tables_and_valid_pngs(sweep: Path, tmp_path: Path) 
         assert_png(tmp_path / "out" / name)
     csv = pd.read_csv(tmp_path / "out" / "results.csv")
     assert list(csv["scorer"]) == ["l1", "l1", "qsfm", "qsfm"] and "MACs_reduction_%" in csv
-    assert set(csv["recovery"]) == {"none"} and "setting" not in csv
+    assert set(csv["recovery"]) == {"none"} and "series_key" not in csv
     assert len(pd.read_csv(tmp_path / "out" / "failed.csv")) == 1
 
     md = (tmp_path / "out" / "results.md").read_text()
