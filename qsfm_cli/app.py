@@ -1,25 +1,41 @@
 """``qsfm-run``: the Hydra edge. Composes the config, turns it into an ``Experiment`` and runs it.
 
-A failing job writes ``metrics.json`` with ``status: failed`` and its error; in a multirun the sweep goes
-on, in a single run the command prints the one-line error and exits non-zero.
+Every failure ends in one line on stderr. A config that Hydra refuses (a wrong type, an unknown or renamed
+key) and a bad value are refused before any work, with exit code 2; any other error exits with 1 (the
+traceback is in the run's log). A run's ``metrics.json`` says ``running`` from its start, then ``ok`` or
+``failed`` with the error. In a multirun the sweep goes on past a failed job, and ends with one line
+counting the failures and exit code 1.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from . import outputs, papers
+from . import config, distributed, outputs, papers
+from .models import default_normalization
+from .pipeline import CollectSpec, EvalSpec, Experiment, check_seed, resolve_device, run_experiment
+from .plan import PlanSpec
+from .record import FAILED, OK, RunRecord, error_text
+from .train import Execution, TrainRecipe
 
 log = logging.getLogger("qsfm_cli")
+T = TypeVar("T")
 PACKAGE_DIR = Path(__file__).resolve().parent
+
+config.register()
 
 
 def config_dir() -> Path:
@@ -38,88 +54,88 @@ def build(node: DictConfig, **kwargs):
         raise (err.__cause__ or err) from None
 
 
-def build_experiment(cfg: DictConfig, run_dir: Path):
-    """Translate a composed config into plain arguments for ``pipeline.run_experiment``."""
-    from .models import default_normalization
-    from .pipeline import EvalSpec, Experiment, resolve_device
-    from .plan import PlanSpec
+def job_slot() -> int:
+    """The job's number within its sweep (0 for a single run): which GPU ``device=auto`` gives it."""
+    hydra = HydraConfig.get()
+    return hydra.job.num if hydra.mode == RunMode.MULTIRUN else 0
 
-    device = resolve_device(cfg.device)
-    scorer = build(cfg.scorer)
-    # prune/ also holds the recovery settings, which the Experiment takes below.
-    recovery_keys = ("compensate", "ridge", "bn_recalibration", "iterative_steps")
-    plan = PlanSpec.from_config({k: v for k, v in OmegaConf.to_container(cfg.prune, resolve=True).items()
-                                 if k not in recovery_keys})
+
+def plain(node: DictConfig) -> Any:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def build_experiment(cfg: DictConfig, run_dir: Path) -> Experiment:
+    """Translate a composed config into an ``Experiment``: every spec first (each checks its values), the
+    data last, so that a bad value is refused before any work."""
+    check_seed(cfg.seed)
+    prune = plain(cfg.prune)
+    if isinstance(prune["rates"], (int, float)):   # prune.rates=0.5: one rate
+        prune["rates"] = str(prune["rates"])
+    specs = dict(
+        plan=PlanSpec.from_config(prune),
+        recovery=build(cfg.recover),
+        finetune=within("finetune", TrainRecipe.from_dict, plain(cfg.finetune)),
+        baseline_recipe=within("baseline.recipe", TrainRecipe.from_dict, plain(cfg.baseline.recipe))
+        if cfg.baseline.train else None,
+        execution=within("execution", Execution.from_dict, plain(cfg.execution)),
+        collect=CollectSpec(**plain(cfg.collect)),
+        eval=EvalSpec(**plain(cfg.eval)),
+        scorer=build(cfg.scorer),
+        reference=papers.reference(cfg.reference).as_dict() if cfg.reference else None,
+        device=str(resolve_device(cfg.device, job_slot())),
+    )
     train_set, test_set = build(cfg.dataset)
     mean, std = cfg.model.mean, cfg.model.std
     if mean is None and std is None:  # the recipe on the weights' card, if they were trained on this dataset
         mean, std = default_normalization(cfg.model.name, cfg.dataset.name) or (None, None)
-    train_set, test_set = train_set.with_normalization(mean, std), test_set.with_normalization(mean, std)
-    prune = cfg.prune
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     return Experiment(
         model_name=cfg.model.name,
-        model_kwargs={k: v for k, v in resolved["model"]["arch"].items()
-                      if k not in ("_target_", "name", "num_classes")},
-        train_set=train_set,
-        test_set=test_set,
-        scorer=scorer,
-        plan=plan,
+        model_kwargs=plain(cfg.model.kwargs),
+        train_set=train_set.with_normalization(mean, std),
+        test_set=test_set.with_normalization(mean, std),
         run_dir=run_dir,
         checkpoint=cfg.model.checkpoint,
         pretrained=cfg.model.pretrained,
         allow_pickle=cfg.model.allow_pickle,
-        baseline_recipe=recipe(cfg.baseline.recipe) if cfg.baseline.train else None,
-        finetune=recipe(cfg.finetune),
-        compensate=prune.compensate,
-        ridge=prune.ridge,
-        bn_recalibration=prune.bn_recalibration,
-        iterative_steps=prune.iterative_steps,
-        num_images=cfg.collect.num_images,
-        collect_batch_size=cfg.collect.batch_size,
-        eval=EvalSpec(cfg.eval.batch_size, tuple(cfg.eval.latency_batches), cfg.eval.latency_repeats),
         seed=cfg.seed,
-        device=str(device),
         cache_dir=Path(cfg.cache.dir) if cfg.cache.enabled else None,
         resume=cfg.resume,
         save_model=cfg.save_model,
         progress=cfg.progress,
-        record={"dataset": cfg.dataset.name, "config": resolved,
-                "reference": papers.reference(cfg.reference).as_dict() if cfg.reference else None},
+        dataset_options={k: v for k, v in plain(cfg.dataset).items() if k not in config.DATA_ACCESS_KEYS},
+        config=container(cfg),
+        **specs,
     )
 
 
-def recipe(node: DictConfig):
-    """A ``TrainRecipe`` from a ``finetune/`` node; an unknown key is one clear error."""
-    from .train import TrainRecipe
+def within(section: str, make: Callable[[Any], T], values: Any) -> T:
+    """``make(values)``, its bad-value error naming the config section it came from."""
+    try:
+        return make(values)
+    except ValueError as err:
+        raise ValueError(f"{section}: {err}") from None
 
-    return TrainRecipe.from_dict(OmegaConf.to_container(node, resolve=True))
 
-
-def print_summary(metrics: dict) -> None:
-    row = outputs.results_row(metrics)
+def print_summary(record: RunRecord) -> None:
+    row = outputs.results_row(record)
     width = max(map(len, row))
     print("\n".join(f"{key:<{width}}  {value}" for key, value in row.items()))
 
 
-def run(cfg: DictConfig) -> dict:
-    """Run one job; failures are recorded in its ``metrics.json`` and re-raised."""
+def run(cfg: DictConfig) -> RunRecord:
+    """Run one job. A run directory holding a finished run is refused first; any later failure is
+    recorded in its ``metrics.json`` and re-raised."""
+    distributed.init()          # a submitit task of a multi-GPU SLURM job starts here, not in main()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    outputs.refuse_finished(run_dir)
     try:
-        from .pipeline import run_experiment
-
-        metrics = run_experiment(build_experiment(cfg, run_dir))
+        exp = build_experiment(cfg, run_dir)
     except BaseException as err:
-        outputs.write_json(run_dir / outputs.METRICS_FILE, {
-            "status": "failed", "error": f"{type(err).__name__}: {first_line(err)}", "config": container(cfg)})
+        if distributed.current().is_main:
+            outputs.write_record(run_dir, RunRecord(None, status=FAILED, error=error_text(err),
+                                                    config=container(cfg)))
         raise
-    print_summary(metrics)
-    return metrics
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return run_experiment(exp)
 
 
 def container(cfg: DictConfig) -> dict:
@@ -130,18 +146,47 @@ def container(cfg: DictConfig) -> dict:
         return OmegaConf.to_container(cfg, resolve=False)
 
 
+class FailedJobs(Callback):
+    """Ends a multirun in which a job failed with one line and exit code 1, once every job has run.
+
+    The jobs of this multirun are the job dirs whose ``.hydra`` record was written since it started; a
+    job failed unless it wrote a ``metrics.json`` with status ok since then (a refused job writes none).
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep, subdir = Path(config.hydra.sweep.dir), config.hydra.output_subdir
+        if subdir is None:
+            return
+        jobs = sorted(p.parent.parent for p in sweep.rglob(f"{subdir}/overrides.yaml")
+                      if p.stat().st_mtime >= self.started)
+        failed = [job for job in jobs if not self._finished(job / outputs.METRICS_FILE)]
+        if failed:
+            first = failed[0].relative_to(sweep) / outputs.METRICS_FILE
+            print(f"qsfm-run: error: {len(failed)} of {len(jobs)} jobs failed (see {sweep}/{first}; "
+                  f"qsfm-report {sweep} lists them all)", file=sys.stderr)
+            sys.exit(1)
+
+    def _finished(self, metrics: Path) -> bool:
+        return metrics.is_file() and metrics.stat().st_mtime >= self.started \
+            and outputs.read_status(metrics.parent) == OK
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     """One job. In a multirun a failure is logged and recorded, and the sweep goes on; a single run ends
     with one line on stderr: exit code 2 for a bad value, 1 for any other error (traceback in the log)."""
     single = HydraConfig.get().mode != RunMode.MULTIRUN
     try:
-        run(cfg)
+        record = run(cfg)
     except (ValueError, FileNotFoundError) as err:
         log.error("%s", err)
         if single:
             print(f"qsfm-run: error: {first_line(err)}", file=sys.stderr)
             sys.exit(2)
+        return
     except KeyboardInterrupt as err:
         print(f"qsfm-run: interrupted: {err}", file=sys.stderr)
         sys.exit(130)
@@ -149,14 +194,60 @@ def _hydra_main(cfg: DictConfig) -> None:
         log.exception("job failed")
         if single:
             log_file = Path(HydraConfig.get().runtime.output_dir) / f"{HydraConfig.get().job.name}.log"
-            print(f"qsfm-run: error: {type(err).__name__}: {first_line(err)} (traceback in {log_file})",
-                  file=sys.stderr)
+            print(f"qsfm-run: error: {error_text(err)} (traceback in {log_file})", file=sys.stderr)
             sys.exit(1)
+        return
+    print_summary(record)
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def config_error(err: BaseException) -> str:
+    """Hydra's or OmegaConf's error in one line: ``key: message``, or where a key was renamed, its new
+    name."""
+    cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
+    key = getattr(cause, "full_key", None)
+    if key:
+        message = str(getattr(cause, "msg", cause)).strip().splitlines()[0]
+        return config.moved(key) or f"{key}: {message.replace(' of type ' + repr('str'), '')}"
+    text = str(err).split("Config search path")[0]
+    head, _, options = text.partition("Available options in")
+    if options:
+        group, *choices = [line.strip() for line in options.splitlines() if line.strip()]
+        return f"{' '.join(head.split())}; available options in {group} {', '.join(choices)}"
+    failed = next((e for e in (err, err.__cause__) if isinstance(e, OSError) and e.filename), None)
+    if failed is not None:
+        return f"cannot write {failed.filename}: {failed.strerror}"
+    return " ".join(text.split()) or type(err).__name__
 
 
 def main() -> None:
-    _hydra_main()
+    """``qsfm-run``. Hydra's own errors (composition, run directory, launcher) come back as one line and
+    exit code 2; ``HYDRA_FULL_ERROR=1`` shows them in full."""
+    full = os.environ.get("HYDRA_FULL_ERROR")
+    # Hydra raises, instead of printing over several lines, what it would report itself.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    distributed.init()          # under torchrun: every rank joins before Hydra makes the run directory
+    sys.argv += distributed.hydra_overrides()
+    try:
+        _hydra_main()
+    except Exception as err:
+        if full == "1":
+            raise
+        print(f"qsfm-run: error: {config_error(err)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if full is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full
 
 
 if __name__ == "__main__":
-    main()
+    # Run as the importable module, so that a launcher's worker processes find the job function by name.
+    from qsfm_cli.app import main as importable_main
+
+    importable_main()

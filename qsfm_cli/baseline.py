@@ -2,9 +2,8 @@
 are trained from scratch by the first run that needs them and loaded by every later one.
 
 The cache key covers everything that determines the weights: model name and constructor arguments, the
-training data (name and a hash of its bytes and normalization), the recipe's optimisation fields and the
-seed. Execution options (amp, channels_last, compile, data path ...) are left out: they change the speed,
-not the protocol. The training itself runs in ``<key>.run/`` with ``resume=True``, so a killed job
+training data (name and a hash of its bytes and normalization), the recipe and the seed. The ``Execution``
+(amp, channels_last, compile, data path ...) is left out: it changes the speed, not the protocol. The training itself runs in ``<key>.run/`` with ``resume=True``, so a killed job
 continues where it stopped; concurrent jobs wait on a file lock instead of training the same baseline twice.
 """
 from __future__ import annotations
@@ -19,7 +18,7 @@ from torch import nn
 from .cache import Cache, fingerprint
 from .data import ImageSet
 from .models import create_model
-from .train import STATE_FILE, TrainRecipe, train
+from .train import STATE_FILE, Execution, TrainRecipe, train
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +28,15 @@ KIND = "baselines"
 def baseline_key(model_name: str, num_classes: int, train_set: ImageSet, recipe: TrainRecipe, *, seed: int,
                  model_kwargs: dict[str, Any] | None = None) -> str:
     """``<model>-<dataset>-<hash>``: readable in a directory listing, unique by content."""
-    digest = fingerprint(model_name, model_kwargs or {}, num_classes, train_set.name, train_set.images,
-                         train_set.labels, list(train_set.mean), list(train_set.std), recipe.protocol(), seed)
+    digest = fingerprint(model_name, model_kwargs or {}, num_classes, train_set.name, train_set.content_key(),
+                         list(train_set.mean), list(train_set.std), recipe.to_dict(), seed)
     return f"{model_name}-{train_set.name or 'data'}-{digest}"
 
 
 def trained_baseline(model_name: str, num_classes: int, train_set: ImageSet, test_set: ImageSet | None,
                      recipe: TrainRecipe, *, seed: int, device: str | torch.device, cache_dir: Path,
-                     model_kwargs: dict[str, Any] | None = None, progress: bool = True) -> nn.Module:
+                     model_kwargs: dict[str, Any] | None = None, execution: Execution | None = None,
+                     progress: bool = True) -> nn.Module:
     """``create_model(model_name, ...)`` trained with ``recipe`` from a ``seed``-determined init, from
     ``cache_dir/baselines/<key>.pt`` when an earlier run trained it already. Returned on ``device``."""
     kwargs = dict(model_kwargs or {})
@@ -50,11 +50,11 @@ def trained_baseline(model_name: str, num_classes: int, train_set: ImageSet, tes
         log.info("baseline %s: cache miss, training %d epochs on %s (%d images) -> %s", model_name,
                  recipe.epochs, train_set.name or "data", len(train_set), cache.path(KIND, key))
         run_dir = cache.root / KIND / f"{key}.run"
-        result = train(model, train_set, test_set, recipe, device=device, seed=seed, run_dir=run_dir,
-                       resume=True, progress=progress)
+        result = train(model, train_set, test_set, recipe, device=device, seed=seed, execution=execution,
+                       run_dir=run_dir, resume=True, progress=progress)
         return {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                 "meta": {"model": model_name, "model_kwargs": kwargs, "num_classes": num_classes,
-                         "dataset": train_set.name, "recipe": recipe.protocol(), "seed": seed,
+                         "dataset": train_set.name, "recipe": recipe.to_dict(), "seed": seed,
                          "test_top1": result.test_top1}}
 
     entry, hit = cache.get_or_compute(KIND, key, fit)

@@ -47,6 +47,12 @@ class ImageSet:
         g = torch.Generator().manual_seed(seed)
         return self.subset(torch.randperm(len(self), generator=g)[:n].sort().values)
 
+    def content_key(self) -> str:
+        """Identity of the images and labels for cache keys (a ``FolderSet`` has its own)."""
+        from .cache import fingerprint
+
+        return fingerprint("images", self.images, self.labels)
+
     def with_normalization(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> "ImageSet":
         return replace(self, mean=tuple(mean) if mean else self.mean, std=tuple(std) if std else self.std)
 

@@ -15,6 +15,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .record import OK, RunRecord
+
 METRICS_FILE = "metrics.json"
 RESULTS_FILE = "results.csv"
 PRUNED_FILE = "pruned_model.pt"
@@ -87,34 +89,64 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text(path, buf.getvalue())
 
 
-def results_row(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The one-row summary of a finished run (``metrics.json`` holds the full record)."""
-    base, final = metrics["base"], metrics["final"]
-    row = {key: metrics.get(key) for key in ("model", "dataset", "scorer")}
-    row["metric"] = metrics.get("scorer_options", {}).get("metric")
-    row.update({key: metrics.get(key) for key in ("protocol", "ratio", "allocation", "compensate",
-                                                   "bn_recalibration", "iterative_steps", "seed",
-                                                   "finetune_epochs")})
+def results_row(record: RunRecord) -> dict[str, Any]:
+    """The one-row summary of a finished run: its setting columns (``Settings.columns``), then the
+    figures (``metrics.json`` holds the full record)."""
+    results = record.results
+    if record.settings is None or results is None:
+        raise ValueError(f"a run with status {record.status!r} has no results row")
+    base, final = results.base, results.final
+    row = record.settings.columns()
     row.update({
-        "base_top1": round(base["top1"], 2),
-        "pruned_top1": round(final["top1"], 2),
-        "top1_drop": round(base["top1"] - final["top1"], 2),
-        "top1_before_finetune": round(metrics["pruned"]["top1"], 2),
-        "base_top5": round(base["top5"], 2),
-        "pruned_top5": round(final["top5"], 2),
-        "base_MACs_M": round(base["macs"] / 1e6, 3),
-        "pruned_MACs_M": round(final["macs"] / 1e6, 3),
-        "MACs_reduction_%": round(100 * (1 - final["macs"] / base["macs"]), 2),
-        "base_params_M": round(base["params"] / 1e6, 4),
-        "pruned_params_M": round(final["params"] / 1e6, 4),
-        "params_reduction_%": round(100 * (1 - final["params"] / base["params"]), 2),
+        "base_top1": round(base.top1, 2),
+        "pruned_top1": round(final.top1, 2),
+        "top1_drop": round(base.top1 - final.top1, 2),
+        "top1_before_finetune": round(results.pruned.top1, 2),
+        "base_top5": round(base.top5, 2),
+        "pruned_top5": round(final.top5, 2),
+        "base_MACs_M": round(base.macs / 1e6, 3),
+        "pruned_MACs_M": round(final.macs / 1e6, 3),
+        "MACs_reduction_%": round(100 * (1 - final.macs / base.macs), 2),
+        "base_params_M": round(base.params / 1e6, 4),
+        "pruned_params_M": round(final.params / 1e6, 4),
+        "params_reduction_%": round(100 * (1 - final.params / base.params), 2),
     })
-    for batch, ms in base["latency_ms"].items():
-        pruned_ms = final["latency_ms"][batch]
+    for batch, ms in base.latency_ms.items():
+        pruned_ms = final.latency_ms[batch]
         row[f"base_latency_{batch}_ms"] = round(ms, 3)
         row[f"pruned_latency_{batch}_ms"] = round(pruned_ms, 3)
         row[f"speedup_{batch}"] = round(ms / pruned_ms, 3)
     return row
+
+
+class FinishedRunError(ValueError):
+    """A run directory already holds a finished run: its record is never replaced."""
+
+
+def read_status(run_dir: Path) -> str | None:
+    """The status in ``run_dir/metrics.json``; ``None`` when there is no readable record."""
+    try:
+        record = json.loads((Path(run_dir) / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("status") if isinstance(record, dict) else None
+
+
+def refuse_finished(run_dir: Path) -> None:
+    if read_status(run_dir) == OK:
+        raise FinishedRunError(f"{run_dir} holds a finished run (its {METRICS_FILE} says status ok), which a rerun "
+                               f"would overwrite; choose another run directory (hydra.run.dir=...)")
+
+
+def write_record(run_dir: Path, record: RunRecord) -> None:
+    """``metrics.json``, and for a finished run ``results.csv``; a finished run's record is never replaced
+    by one that is not."""
+    run_dir = Path(run_dir)
+    if record.status != OK and read_status(run_dir) == OK:
+        return
+    write_json(run_dir / METRICS_FILE, record.to_dict())
+    if record.status == OK:
+        write_csv(run_dir / RESULTS_FILE, [results_row(record)])
 
 
 def save_pruned(path: Path, model: nn.Module) -> None:

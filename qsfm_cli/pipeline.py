@@ -1,44 +1,79 @@
-"""One pruning experiment as plain stages: baseline -> collect -> score -> plan -> prune -> fine-tune ->
-evaluate -> write. Nothing here reads a config object: ``qsfm_cli.app`` translates the config into an
-``Experiment`` and calls ``run_experiment``; Python users can do the same without Hydra.
+"""One pruning experiment as plain stages: baseline -> collect -> score -> plan -> prune -> recover ->
+fine-tune -> evaluate, recorded in a ``RunRecord``. Nothing here reads a config object: ``qsfm_cli.app``
+translates the config into an ``Experiment`` and calls ``run_experiment``; Python users can do the same
+without Hydra.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 from torch import nn
 
-from . import checkpoints, outputs
-from .cache import Cache, fingerprint, model_fingerprint
+from . import checkpoints, distributed, outputs
 from .baseline import trained_baseline
+from .cache import Cache, fingerprint, model_fingerprint
 from .collect import collect_stats
 from .data import ImageSet
 from .evaluate import Metrics, accuracy, evaluate, heldout_loss
+from .loaders import input_shape
 from .models import create_model
-from .recover import recalibrate_bn
-from .recover.compensate import MODES, compensate
+from .models.torchvision_models import load_pretrained
 from .plan import MacsMeter, PlanSpec, format_sensitivity, keep_from_counts, make_keep, measure_sensitivity
 from .pruning import apply_keep, channel_sets
+from .record import FAILED, OK, Results, RunRecord, Settings, error_text
+from .recover import Recovery, RecoverySpec, recalibrate_bn
 from .scoring import Scorer, StatRequest, threshold_scorers
-from .train import TrainRecipe, train
+from .train import Execution, TrainRecipe, train
 from .types import ChannelSet, Keep, LayerStats, Order, Orders
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-COMPENSATIONS = ("none", *MODES)
+SEED_LIMIT = 2 ** 63   # torch's generators take any seed below this
 
 
-@dataclass
+@dataclass(frozen=True)
+class CollectSpec:
+    """The ``collect`` config node: training images whose feature maps are collected, and the batch."""
+
+    num_images: int = 512
+    batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("num_images", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"collect.{name}={getattr(self, name)}; must be >= 1")
+
+
+@dataclass(frozen=True)
 class EvalSpec:
+    """The ``eval`` config node: the accuracy batch, and the batch sizes and repeats of the latency."""
+
     batch_size: int = 500
     latency_batches: tuple[int, ...] = (1, 64)
     latency_repeats: int = 20
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "latency_batches", tuple(self.latency_batches))
+        if self.batch_size < 1:
+            raise ValueError(f"eval.batch_size={self.batch_size}; must be >= 1")
+        if self.latency_repeats < 1:
+            raise ValueError(f"eval.latency_repeats={self.latency_repeats}; must be >= 1")
+        if any(b < 1 for b in self.latency_batches):
+            raise ValueError(f"eval.latency_batches={list(self.latency_batches)}; every batch size must be >= 1 "
+                             f"(an empty list measures no latency)")
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed={seed}; accepted: a whole number in [0, 2**63)")
 
 
 @dataclass
@@ -57,12 +92,9 @@ class Experiment:
     allow_pickle: bool = False
     baseline_recipe: TrainRecipe | None = None     # trains the baseline when no weights are given
     finetune: TrainRecipe = field(default_factory=lambda: TrainRecipe(epochs=0))
-    compensate: str = "none"                       # none | twin | lstsq
-    ridge: float = 1e-3
-    bn_recalibration: int = 0                      # training images for BatchNorm re-estimation
-    iterative_steps: int = 1
-    num_images: int = 512
-    collect_batch_size: int = 128
+    recovery: RecoverySpec = field(default_factory=RecoverySpec)
+    execution: Execution = field(default_factory=Execution)
+    collect: CollectSpec = field(default_factory=CollectSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     seed: int = 0
     device: str = "cpu"
@@ -70,29 +102,69 @@ class Experiment:
     resume: bool = False
     save_model: bool = True
     progress: bool = True
-    record: dict[str, Any] = field(default_factory=dict)   # extra fields copied into metrics.json
+    dataset_options: dict[str, Any] = field(default_factory=dict)  # what identifies the data beyond its name
+    reference: dict[str, Any] | None = None        # a published row shown beside the results
+    config: dict[str, Any] | None = None           # the composed config, recorded as it is
 
     def __post_init__(self) -> None:
-        """Checks of the pipeline's own settings, before any work (the plan checks its own)."""
-        checks = [
-            (self.compensate in COMPENSATIONS, f"prune.compensate={self.compensate!r}; accepted: "
-                                               f"{', '.join(COMPENSATIONS)}"),
-            (self.ridge >= 0, f"prune.ridge={self.ridge}; must be >= 0"),
-            (self.bn_recalibration == 0 or self.bn_recalibration >= 2,
-             f"prune.bn_recalibration={self.bn_recalibration}; accepted: 0 (off) or at least 2 images"),
-            (self.iterative_steps >= 1, f"prune.iterative_steps={self.iterative_steps}; must be >= 1"),
-            (self.num_images >= 1, f"collect.num_images={self.num_images}; must be >= 1"),
-            (self.collect_batch_size >= 1, f"collect.batch_size={self.collect_batch_size}; must be >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        check_seed(self.seed)
+
+    @property
+    def weights(self) -> str:
+        """Where the baseline's weights come from, as one identifying text."""
+        if self.checkpoint:
+            return str(self.checkpoint)
+        if self.pretrained:
+            return "pretrained"
+        if self.baseline_recipe is not None:
+            return f"trained:{fingerprint(self.baseline_recipe.to_dict())[:8]}"
+        return "none"
+
+    def settings(self) -> Settings:
+        data = self.train_set
+        return Settings.of(
+            model={"name": self.model_name, "kwargs": self.model_kwargs, "weights": self.weights},
+            dataset={"name": data.name, **self.dataset_options, "mean": [round(m, 4) for m in data.mean],
+                     "std": [round(s, 4) for s in data.std]},
+            scorer=self.scorer, plan=self.plan, recovery=self.recovery, finetune=self.finetune,
+            num_images=self.collect.num_images, seed=self.seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; anything else must name a usable torch device."""
+class RunContext:
+    """What a run carries from stage to stage beside its data: the cache, where the time went
+    (``timings``, seconds per stage) and what the cache served (``cache_status``, hit/miss per entry kind)."""
+
+    def __init__(self, cache: Cache):
+        self.cache = cache
+        self.timings: dict[str, float] = {}
+        self.cache_status: dict[str, str] = {}
+        self._nested: list[float] = []   # per open stage, the seconds spent in the stages opened inside it
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the block as stage ``name``, net of any stage timed inside it (time adds up over calls)."""
+        start = time.perf_counter()
+        self._nested.append(0.0)
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.timings[name] = self.timings.get(name, 0.0) + elapsed - self._nested.pop()
+            if self._nested:
+                self._nested[-1] += elapsed
+
+    def cached(self, kind: str, key: str, compute: Callable[[], T], status: str | None = None) -> T:
+        """``cache.get_or_compute``, noting hit or miss under ``status`` (default: ``kind``)."""
+        value, hit = self.cache.get_or_compute(kind, key, compute)
+        self.cache_status[status or kind] = "hit" if hit else "miss"
+        return value
+
+
+def resolve_device(name: str, slot: int = 0) -> torch.device:
+    """``auto`` picks CUDA when available, GPU ``slot`` mod the number of GPUs (job k of a sweep whose jobs
+    run at once on one machine takes GPU k mod n); anything else must name a usable torch device."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{slot % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -108,48 +180,47 @@ def load_baseline(exp: Experiment, cache: Cache) -> nn.Module:
     model = create_model(exp.model_name, num_classes=exp.train_set.num_classes, **exp.model_kwargs)
     if exp.checkpoint:
         return checkpoints.load_weights(model, exp.checkpoint, allow_pickle=exp.allow_pickle)
+    if exp.pretrained and exp.model_name.startswith("tv_"):
+        return load_pretrained(model, exp.model_name)     # torchvision's own weights API
     if exp.pretrained:
         return checkpoints.load_weights(model, checkpoints.pretrained_url(exp.model_name))
     if exp.baseline_recipe is not None:
         return trained_baseline(exp.model_name, exp.train_set.num_classes, exp.train_set, exp.test_set,
-                                exp.baseline_recipe, seed=exp.seed, device=exp.device,
-                                cache_dir=cache.root, model_kwargs=exp.model_kwargs, progress=exp.progress)
+                                exp.baseline_recipe, seed=exp.seed, device=exp.device, cache_dir=cache.root,
+                                model_kwargs=exp.model_kwargs, execution=exp.execution, progress=exp.progress)
     raise ValueError(f"model {exp.model_name!r} has no weights: set model.checkpoint=PATH_OR_URL, "
                      f"model.pretrained=true, or baseline.train=true")
 
 
-def collect_and_score(model: nn.Module, sets: list[ChannelSet], exp: Experiment, cache: Cache,
-                      timings: dict[str, float], cache_log: dict[str, str]
-                      ) -> tuple[Orders, dict[str, LayerStats], str]:
-    """Collect stage + score stage, each cached by content (model weights, images, options); returns
-    the orders, the statistics and the orders' cache key."""
-    images = exp.train_set.sample(exp.num_images, exp.seed)
+def collect_and_score(model: nn.Module, sets: list[ChannelSet], exp: Experiment, ctx: RunContext,
+                      suffix: str = "") -> tuple[Orders, dict[str, LayerStats], str]:
+    """Collect stage + score stage, each cached by content (model weights, images, options); returns the
+    orders, the statistics and the orders' cache key. ``suffix`` tells apart the cache status of a later
+    iterative step ("@2")."""
+    images = exp.train_set.sample(exp.collect.num_images, exp.seed)
     content_key = fingerprint(model_fingerprint(model), images.images, images.mean, images.std,
                               [asdict(s) for s in sets])
     scorer_requests = set(exp.scorer.requests())
-    groups = [scorer_requests, {StatRequest.moments()} if exp.compensate != "none" else set()]
-    start = time.perf_counter()
-    stats = cached_stats(model, sets, images, [g for g in groups if g], content_key, exp, cache, cache_log)
-    timings["collect"] = timings.get("collect", 0.0) + time.perf_counter() - start
+    groups = [g for g in (scorer_requests, set(exp.recovery.method.requests())) if g]
+    with ctx.stage("collect"):
+        stats = cached_stats(model, sets, images, groups, content_key, exp, ctx, f"stats{suffix}")
 
     def score() -> dict[str, dict]:
         return {name: asdict(o) for name, o in exp.scorer.score(model, sets, stats).items()}
 
-    start = time.perf_counter()
-    orders_key = fingerprint("orders", content_key, sorted(map(repr, scorer_requests)), exp.scorer.name,
-                             exp.scorer.options())
-    raw_orders, hit = cache.get_or_compute("orders", orders_key, score)
-    cache_log["orders"] = "hit" if hit else "miss"
-    timings["score"] = timings.get("score", 0.0) + time.perf_counter() - start
+    with ctx.stage("score"):
+        orders_key = fingerprint("orders", content_key, sorted(map(repr, scorer_requests)), exp.scorer.name,
+                                 exp.scorer.options())
+        raw_orders = ctx.cached("orders", orders_key, score, status=f"orders{suffix}")
     return {name: Order(**d) for name, d in raw_orders.items()}, stats, orders_key
 
 
 def cached_stats(model: nn.Module, sets: list[ChannelSet], images: ImageSet, groups: list[set[StatRequest]],
-                 content_key: str, exp: Experiment, cache: Cache, cache_log: dict[str, str]
-                 ) -> dict[str, LayerStats]:
+                 content_key: str, exp: Experiment, ctx: RunContext, status: str) -> dict[str, LayerStats]:
     """Statistics for every request group, one cache entry per group (the scorer's requests; the
-    compensation's moments), so that runs differing only in compensation share the scorer's entry.
-    Whatever groups are missing are collected together in one pass over the images."""
+    recovery's), so that runs differing only in recovery share the scorer's entry. Whatever groups are
+    missing are collected together in one pass over the images."""
+    cache = ctx.cache
     layout = [f.name for f in fields(LayerStats)]     # entries stored with another layout are not reused
     keys = {fingerprint("stats", content_key, sorted(map(repr, group)), layout): group for group in groups}
     found: dict[str, dict] = {}
@@ -158,7 +229,7 @@ def cached_stats(model: nn.Module, sets: list[ChannelSet], images: ImageSet, gro
         missing = [k for k in keys if k == key or (k not in found and not cache.contains("stats", k))]
         requests = set().union(*(keys[k] for k in missing))
         raw = {name: asdict(st) for name, st in collect_stats(
-            model, sets, images, requests, batch_size=exp.collect_batch_size, device=exp.device,
+            model, sets, images, requests, batch_size=exp.collect.batch_size, device=exp.device,
             progress=exp.progress).items()}
         for k in missing:
             if k != key:
@@ -171,7 +242,7 @@ def cached_stats(model: nn.Module, sets: list[ChannelSet], images: ImageSet, gro
         if key not in found:
             found[key], hit = cache.get_or_compute("stats", key, lambda key=key: collect_missing(key))
             hits.append(hit)
-    cache_log["stats"] = "none" if not keys else "hit" if all(hits) else "miss"
+    ctx.cache_status[status] = "none" if not keys else "hit" if all(hits) else "miss"
     return merge_stats(found.values())
 
 
@@ -189,72 +260,83 @@ def merge_stats(raws: Iterable[dict[str, dict]]) -> dict[str, LayerStats]:
     return {name: LayerStats(**fields) for name, fields in merged.items()}
 
 
-def pruner(model: nn.Module, sets: list[ChannelSet], stats: dict[str, LayerStats], orders: Orders,
-           exp: Experiment, example: torch.Tensor, comp_log: dict[str, str] | None = None):
-    """``keep -> pruned copy of model``, with the run's compensation folded in first."""
-
-    def prune(keep: Keep) -> nn.Module:
-        if exp.compensate == "none":
-            return apply_keep(model, keep, example)
-        edited = copy.deepcopy(model)
-        status = compensate(edited, sets, stats, orders, keep, exp.compensate, ridge=exp.ridge)
-        if comp_log is not None:
-            comp_log.update(status)
-        return apply_keep(edited, keep, example)
-
-    return prune
+def folded(method: Recovery, model: nn.Module, sets: list[ChannelSet], stats: dict[str, LayerStats],
+           orders: Orders, keep: Keep, status: dict[str, str] | None = None) -> nn.Module:
+    """A copy of ``model`` with the method's fold applied for ``keep`` (``model`` itself when the method
+    has no fold); what the fold did per set goes into ``status``."""
+    if type(method).fold is Recovery.fold:
+        return model
+    edited = copy.deepcopy(model)
+    done = method.fold(edited, sets, stats, orders, keep)
+    if status is not None:
+        status.update(done)
+    return edited
 
 
 def plan_stage(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats: dict[str, LayerStats],
-               orders_key: str, exp: Experiment, cache: Cache, example: torch.Tensor,
-               cache_log: dict[str, str]) -> tuple[Keep, dict[str, Any]]:
-    """Plan stage. A sensitivity table is measured with the run's compensation in force, once per scores,
-    compensation and held-out slice, then cached; MACs searches need no compensation."""
+               orders_key: str, exp: Experiment, ctx: RunContext, example: torch.Tensor) -> dict[str, Any]:
+    """Plan stage; returns the plan record (its ``removed`` counts drive the prune stage). A sensitivity
+    table is measured with the run's fold in force, once per scores, recovery and held-out slice, then
+    cached; MACs searches need no fold."""
     plan = exp.plan
     if plan.allocation != "sensitivity":
-        return make_keep(orders, sets, plan, model=model, example_input=example)
-    prune_fn = pruner(model, sets, stats, orders, exp, example)
-    loss_of = heldout_loss(exp.train_set, plan.sensitivity_images, skip=exp.num_images, seed=exp.seed,
+        return make_keep(orders, sets, plan, model=model, example_input=example)[1]
+    method = exp.recovery.method
+
+    def prune_fn(keep: Keep) -> nn.Module:
+        return apply_keep(folded(method, model, sets, stats, orders, keep), keep, example)
+
+    loss_of = heldout_loss(exp.train_set, plan.sensitivity_images, skip=exp.collect.num_images, seed=exp.seed,
                            device=exp.device)
     key = fingerprint("sensitivity", orders_key, plan.sensitivity_grid, plan.sensitivity_images,
-                      plan.min_channels, plan.round_to, exp.compensate, exp.ridge)
-    sensitivity, hit = cache.get_or_compute("sensitivity", key, lambda: measure_sensitivity(
+                      plan.min_channels, plan.round_to, method.name, method.options())
+    sensitivity = ctx.cached("sensitivity", key, lambda: measure_sensitivity(
         sets, orders, plan.sensitivity_grid, prune_fn, loss_of, MacsMeter(model, example), plan.min_channels,
         round_to=plan.round_to, progress=exp.progress))
-    cache_log["sensitivity"] = "hit" if hit else "miss"
     log.info("sensitivity (loss increase per ratio):\n%s", format_sensitivity(sensitivity))
     return make_keep(orders, sets, plan, model=model, example_input=example, loss_of=loss_of,
-                     prune_fn=prune_fn, sensitivity=sensitivity)
+                     prune_fn=prune_fn, sensitivity=sensitivity)[1]
 
 
-def prune_stage(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats: dict[str, LayerStats],
-                removed: dict[str, int], exp: Experiment, cache: Cache, example: torch.Tensor,
-                timings: dict[str, float], cache_log: dict[str, str]) -> tuple[nn.Module, dict[str, str]]:
-    """Prune stage: compensation, physical removal in ``exp.iterative_steps`` steps, BN re-estimation.
+def prune_and_recover(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats: dict[str, LayerStats],
+                      removed: dict[str, int], exp: Experiment, ctx: RunContext, example: torch.Tensor
+                      ) -> tuple[nn.Module, dict[str, str]]:
+    """Prune stage and recover stage, in ``exp.recovery.iterative_steps`` steps, then BN re-estimation.
 
-    ``removed`` holds the plan's per-set removal counts. Each later step re-collects statistics and
-    re-scores the partly pruned model (its cache status is logged as ``stats@2``, ...); the counts are
-    reached in equal steps, and removed channels never come back.
+    ``removed`` holds the plan's per-set removal counts, reached in equal steps; removed channels never come
+    back. Each step folds (before the channels go), removes, and refits against the model it started from
+    (on ``calibration_images`` training images drawn with the run's seed); each later step first re-collects
+    statistics and re-scores the partly pruned model (cache status ``stats@2``, ...). Returns the pruned
+    model and, per set, what the recovery did.
     """
+    spec, method = exp.recovery, exp.recovery.method
     sizes = {s.name: s.size for s in sets}
-    comp_log: dict[str, str] = {}
+    status: dict[str, str] = {}
     current = model
-    for step in range(1, exp.iterative_steps + 1):
+    for step in range(1, spec.iterative_steps + 1):
         if step > 1:
             sets = channel_sets(current, example, scope=exp.plan.scope)
-            step_log: dict[str, str] = {}
-            orders, stats, _ = collect_and_score(current, sets, exp, cache, timings, step_log)
-            cache_log.update({f"{kind}@{step}": status for kind, status in step_log.items()})
-        target = {name: sizes[name] - round(removed.get(name, 0) * step / exp.iterative_steps) for name in sizes}
-        step_keep = keep_from_counts(orders, sets, {s.name: s.size - target[s.name] for s in sets})
-        current = pruner(current, sets, stats, orders, exp, example, comp_log)(step_keep)
-    for name, status in comp_log.items():
-        if status != "compensated":
-            log.warning("compensation %s: %s", name, status)
-    if exp.bn_recalibration:
-        recalibrate_bn(current, exp.train_set, exp.bn_recalibration, batch_size=exp.collect_batch_size,
-                       device=exp.device, seed=exp.seed)
-    return current, comp_log
+            orders, stats, _ = collect_and_score(current, sets, exp, ctx, suffix=f"@{step}")
+        target = {name: sizes[name] - round(removed.get(name, 0) * step / spec.iterative_steps) for name in sizes}
+        keep = keep_from_counts(orders, sets, {s.name: s.size - target[s.name] for s in sets})
+        with ctx.stage("recover"):
+            edited = folded(method, current, sets, stats, orders, keep, status)
+        with ctx.stage("prune"):
+            pruned = apply_keep(edited, keep, example)
+        if method.calibration_images:
+            with ctx.stage("recover"):
+                images = exp.train_set.sample(method.calibration_images, exp.seed)
+                status.update(method.refit(current, pruned, sets, keep, images, device=exp.device,
+                                           progress=exp.progress))
+        current = pruned
+    for name, done in status.items():
+        if done.startswith("skipped"):
+            log.warning("recovery %s: %s", name, done)
+    if spec.bn_images:
+        with ctx.stage("recover"):
+            recalibrate_bn(current, exp.train_set, spec.bn_images, batch_size=spec.bn_batch_size,
+                           device=exp.device, seed=exp.seed)
+    return current, status
 
 
 def evaluate_stage(model: nn.Module, exp: Experiment, cache: Cache) -> Metrics:
@@ -264,76 +346,80 @@ def evaluate_stage(model: nn.Module, exp: Experiment, cache: Cache) -> Metrics:
     def measure_accuracy() -> list[float]:
         return list(accuracy(model, exp.test_set, device=exp.device, batch_size=spec.batch_size))
 
-    key = fingerprint("accuracy", model_fingerprint(model), exp.test_set.images, exp.test_set.labels,
-                      exp.test_set.mean, exp.test_set.std)
+    key = fingerprint("accuracy", model_fingerprint(model), exp.test_set.content_key(), exp.test_set.mean,
+                      exp.test_set.std)
     top, _ = cache.get_or_compute("accuracy", key, measure_accuracy)
     return evaluate(model, exp.test_set, device=exp.device, latency_batches=spec.latency_batches,
                     latency_repeats=spec.latency_repeats, known_accuracy=tuple(top))
 
 
-def run_experiment(exp: Experiment) -> dict[str, Any]:
-    """Run every stage and write ``metrics.json``, ``results.csv`` and ``pruned_model.pt`` into
-    ``exp.run_dir``; return the metrics record."""
-    started = time.perf_counter()
-    torch.manual_seed(exp.seed)
-    run_dir = Path(exp.run_dir)
-    cache = Cache(exp.cache_dir or run_dir / "cache", enabled=exp.cache_dir is not None)
-    timings: dict[str, float] = {}
-    cache_log: dict[str, str] = {}
-
-    model = load_baseline(exp, cache).to(exp.device).eval()
-    example = exp.test_set.images[:1].float().to(exp.device)
+def run_stages(exp: Experiment, ctx: RunContext) -> tuple[Results, nn.Module]:
+    """Every stage from the baseline to the evaluation; returns the results and the pruned model."""
+    example = torch.zeros(1, *input_shape(exp.test_set))
+    # The plan needs only the architecture: it is checked before any weights are loaded or trained.
+    bare = create_model(exp.model_name, num_classes=exp.train_set.num_classes, **exp.model_kwargs).eval()
+    exp.plan.validate(channel_sets(bare, example, scope=exp.plan.scope), bare, scorer=exp.scorer,
+                      threshold_scorers=threshold_scorers())
+    with ctx.stage("baseline"):
+        model = load_baseline(exp, ctx.cache).to(exp.device).eval()
+    example = example.to(exp.device)
     sets = channel_sets(model, example, scope=exp.plan.scope)
-    exp.plan.validate(sets, model, scorer=exp.scorer, threshold_scorers=threshold_scorers())
 
-    orders, stats, orders_key = collect_and_score(model, sets, exp, cache, timings, cache_log)
-    start, scoring = time.perf_counter(), timings["collect"] + timings["score"]
-    _, plan_info = plan_stage(model, sets, orders, stats, orders_key, exp, cache, example, cache_log)
-    pruned, comp_log = prune_stage(model, sets, orders, stats, plan_info["removed"], exp, cache, example,
-                                   timings, cache_log)
-    # Iterative steps collect and score again inside the prune stage: that time is counted there.
-    timings["prune"] = time.perf_counter() - start - (timings["collect"] + timings["score"] - scoring)
+    orders, stats, orders_key = collect_and_score(model, sets, exp, ctx)
+    with ctx.stage("plan"):
+        plan_info = plan_stage(model, sets, orders, stats, orders_key, exp, ctx, example)
+    pruned, recovered = prune_and_recover(model, sets, orders, stats, plan_info["removed"], exp, ctx, example)
 
-    start = time.perf_counter()
-    base = evaluate_stage(model, exp, cache)
-    after_prune = evaluate_stage(pruned, exp, cache)
-    timings["evaluate"] = time.perf_counter() - start
+    with ctx.stage("evaluate"):
+        base = evaluate_stage(model, exp, ctx.cache)
+        after_prune = evaluate_stage(pruned, exp, ctx.cache)
 
-    start = time.perf_counter()
     final = after_prune
-    if exp.finetune.epochs > 0:
-        train(pruned, exp.train_set, exp.test_set, exp.finetune, device=exp.device, seed=exp.seed,
-              run_dir=run_dir, resume=exp.resume, progress=exp.progress)
-        # Fine-tuning changes weights, not shapes: MACs, params and latency stay those of the pruned model.
-        top1, top5 = accuracy(pruned, exp.test_set, device=exp.device, batch_size=exp.eval.batch_size)
-        final = replace(after_prune, top1=top1, top5=top5)
-    timings["finetune"] = time.perf_counter() - start
+    with ctx.stage("finetune"):
+        if exp.finetune.epochs > 0:
+            train(pruned, exp.train_set, exp.test_set, exp.finetune, device=exp.device, seed=exp.seed,
+                  execution=exp.execution, run_dir=exp.run_dir, resume=exp.resume, progress=exp.progress)
+            # Fine-tuning changes weights, not shapes: MACs, params and latency stay those of the pruned model.
+            top1, top5 = accuracy(pruned, exp.test_set, device=exp.device, batch_size=exp.eval.batch_size)
+            final = replace(after_prune, top1=top1, top5=top5)
 
     pruned_sets = {s.name: s.size for s in channel_sets(pruned, example, scope=exp.plan.scope)}
-    timings["total"] = time.perf_counter() - started
-    metrics = {
-        "status": "ok",
-        **exp.record,
-        "model": exp.model_name,
-        "scorer": exp.scorer.name,
-        "scorer_options": exp.scorer.options(),
-        **exp.plan.describe(),
-        "compensate": exp.compensate,
-        "bn_recalibration": exp.bn_recalibration,
-        "iterative_steps": exp.iterative_steps,
-        "seed": exp.seed,
-        "finetune_epochs": exp.finetune.epochs,
-        "base": base.to_dict(),
-        "pruned": after_prune.to_dict(),
-        "final": final.to_dict(),
-        "kept_channels": {s.name: {"kept": pruned_sets.get(s.name, 0), "total": s.size} for s in sets},
-        "plan": plan_info,
-        "compensation": comp_log,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "cache": cache_log,
-    }
-    if exp.save_model:
+    kept = {s.name: {"kept": pruned_sets.get(s.name, 0), "total": s.size} for s in sets}
+    return Results(base, after_prune, final, kept, plan_info, recovered), pruned
+
+
+def run_experiment(exp: Experiment) -> RunRecord:
+    """Run every stage and record it in ``exp.run_dir``: ``metrics.json`` (status ``running`` from the
+    start), then on success ``metrics.json``, ``results.csv`` and ``pruned_model.pt``, in that order. A run
+    directory that holds a finished run is refused before any work."""
+    started = time.perf_counter()
+    run_dir = Path(exp.run_dir)
+    outputs.refuse_finished(run_dir)
+    torch.manual_seed(exp.seed)
+    ctx = RunContext(Cache(exp.cache_dir or run_dir / "cache", enabled=exp.cache_dir is not None))
+    record = RunRecord(exp.settings(), reference=exp.reference, config=exp.config)
+    _write_record(run_dir, record)
+    try:
+        record.results, pruned = run_stages(exp, ctx)
+    except BaseException as err:
+        record.status, record.error = FAILED, error_text(err)
+        record.timings_s, record.cache = _rounded(ctx.timings), ctx.cache_status
+        _write_record(run_dir, record)
+        raise
+    record.status = OK
+    record.timings_s = _rounded({**ctx.timings, "total": time.perf_counter() - started})
+    record.cache = ctx.cache_status
+    _write_record(run_dir, record)
+    if exp.save_model and distributed.current().is_main:
         outputs.save_pruned(run_dir / outputs.PRUNED_FILE, pruned.cpu())
-    outputs.write_json(run_dir / outputs.METRICS_FILE, metrics)
-    outputs.write_csv(run_dir / outputs.RESULTS_FILE, [outputs.results_row(metrics)])
-    return metrics
+    return record
+
+
+def _write_record(run_dir: Path, record: RunRecord) -> None:
+    """Under torchrun every rank runs the stages; only rank 0 writes the run's files."""
+    if distributed.current().is_main:
+        outputs.write_record(run_dir, record)
+
+
+def _rounded(timings: dict[str, float]) -> dict[str, float]:
+    return {stage: round(seconds, 3) for stage, seconds in timings.items()}

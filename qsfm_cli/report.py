@@ -20,29 +20,25 @@ from matplotlib.figure import Figure
 
 from .outputs import METRICS_FILE, atomic_write, results_row, write_text
 from .papers import Reference, references_for
+from .record import AMOUNTS, FAILED, OK, RUNNING, RunRecord, config_columns, is_setting_column
 
 TRAIN_LOG = "train_log.csv"
-SORT_KEYS = ["model", "scorer", "metric", "compensate", "bn_recalibration", "ratio", "threshold",
-             "target_macs_reduction", "finetune_epochs", "seed", "run"]
-# Settings a run records beside its results: together with the results row they identify the run.
-SETTING_KEYS = ["model", "dataset", "scorer", "metric", "protocol", "ratio", "rates", "threshold",
-                "target_macs_reduction", "rate_layout", "allocation", "compensate", "bn_recalibration", "iterative_steps",
-                "seed", "finetune_epochs"]
-# Where a failed run's settings sit in its config (a failed metrics.json may hold only the config).
-CONFIG_PATHS = {"model": "model.name", "dataset": "dataset.name", "scorer": "scorer.name",
-                "metric": "scorer.metric", "bn_recalibration": "prune.bn_recalibration",
-                "allocation": "prune.allocation", "iterative_steps": "prune.iterative_steps",
-                "ratio": "prune.ratio", "rates": "prune.rates", "threshold": "prune.threshold",
-                "target_macs_reduction": "prune.target_macs_reduction", "compensate": "prune.compensate",
-                "seed": "seed", "finetune_epochs": "finetune.epochs"}
+# Columns sorted on first (after them, the other setting columns in results-row order).
+SORT_KEYS = ["model", "dataset", "scorer", "scorer.metric", "recovery", "prune.ratio", "prune.threshold",
+             "prune.target_macs_reduction", "finetune.epochs", "seed", "run"]
 MD_COLUMNS = {  # results.csv column -> results.md header
-    "model": "model", "scorer": "scorer", "metric": "metric", "protocol": "protocol", "allocation": "allocation", "ratio": "ratio",
-    "compensate": "compensate", "bn_recalibration": "BN recal.", "finetune_epochs": "FT epochs", "base_top1": "base top-1",
-    "top1_before_finetune": "top-1 pruned", "pruned_top1": "top-1 final", "top1_drop": "top-1 drop",
-    "pruned_MACs_M": "MACs (M)", "MACs_reduction_%": "MACs ↓%", "pruned_params_M": "params (M)",
-    "params_reduction_%": "params ↓%", "speedup_b1": "speedup b1", "time_score_s": "score s",
-    "time_total_s": "total s",
+    "model": "model", "dataset": "dataset", "series": "series", "protocol": "protocol", "prune.ratio": "ratio",
+    "prune.threshold": "threshold", "prune.target_macs_reduction": "MACs target", "finetune.epochs": "FT epochs",
+    "seed": "seed",
+    "base_top1": "base top-1", "top1_before_finetune": "top-1 pruned", "pruned_top1": "top-1 final",
+    "top1_drop": "top-1 drop", "pruned_MACs_M": "MACs (M)", "MACs_reduction_%": "MACs ↓%",
+    "pruned_params_M": "params (M)", "params_reduction_%": "params ↓%", "speedup_b1": "speedup b1",
+    "time_score_s": "score s", "time_total_s": "total s",
 }
+# Setting columns a series label always shows in its own words (the scorer, its similarity metric, the
+# recovery label, fine-tuning epochs) or that name a panel of the plot (model, dataset).
+_LABELLED = {"model", "dataset", "scorer", "scorer.metric", "recovery", "recover", "recover.iterative_steps",
+             "finetune.epochs"}
 
 
 class ReportError(ValueError):
@@ -66,12 +62,15 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
-def read_metrics(run_dir: Path) -> dict[str, Any]:
-    """The run's metrics; an unreadable file becomes a failed run rather than stopping the report."""
+def read_record(run_dir: Path) -> RunRecord | str:
+    """The run's record, or why it cannot be read (an unreadable file is a bad run, not the end of the
+    report)."""
     try:
-        return json.loads((run_dir / METRICS_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        return {"status": "failed", "error": f"unreadable {METRICS_FILE}: {exc}"}
+        return RunRecord.from_dict(json.loads((run_dir / METRICS_FILE).read_text()))
+    except OSError as exc:
+        return f"unreadable {METRICS_FILE}: {exc}"
+    except ValueError as exc:
+        return f"bad {METRICS_FILE}: {exc}"
 
 
 def read_overrides(run_dir: Path) -> str:
@@ -83,29 +82,28 @@ def read_overrides(run_dir: Path) -> str:
     return ",".join(str(o) for o in overrides)
 
 
-def run_record(run_dir: Path, metrics: dict[str, Any], label: str) -> dict[str, Any]:
-    """One report row: settings, status and, for finished runs, the results row plus timings."""
-    row: dict[str, Any] = {"run": label, "path": str(run_dir), "status": metrics.get("status", "failed"),
-                           "error": metrics.get("error"), "overrides": read_overrides(run_dir)}
-    config = flatten(metrics.get("config") or {})
-    row.update({key: metrics.get(key, config.get(CONFIG_PATHS.get(key, ""))) for key in SETTING_KEYS})
-    if row["status"] != "ok":
-        return row
-    try:
-        row.update(results_row(metrics))
-    except (KeyError, TypeError, ZeroDivisionError) as exc:
-        row.update(status="failed", error=f"incomplete {METRICS_FILE}: missing or bad {exc}")
-        return row
-    for stage, seconds in (metrics.get("timings_s") or {}).items():
-        row[f"time_{stage}_s"] = seconds
-    for kind, state in (metrics.get("cache") or {}).items():
-        row[f"cache_{kind}"] = state
+def run_row(run_dir: Path, record: RunRecord | str, label: str) -> dict[str, Any]:
+    """One report row: status, the setting columns and, for a finished run, its results row, timings and
+    cache status. ``series_key`` is the run's identity without the seed and the pruned amount: runs sharing
+    it are the points of one plotted line, and those that share the amount too are seeds of one setting."""
+    row: dict[str, Any] = {"run": label, "path": str(run_dir), "overrides": read_overrides(run_dir)}
+    if isinstance(record, str):
+        return {**row, "status": FAILED, "error": record}
+    row.update(status=record.status, error=record.error)
+    if record.settings is None:
+        return {**row, **config_columns(record.config or {})}
+    row["series_key"] = record.settings.identity(exclude=AMOUNTS)
+    if record.status != OK:
+        return {**row, **record.settings.columns()}
+    row.update(results_row(record))
+    row.update({f"time_{stage}_s": seconds for stage, seconds in record.timings_s.items()})
+    row.update({f"cache_{kind}": state for kind, state in record.cache.items()})
     row["has_train_log"] = (run_dir / TRAIN_LOG).is_file()
     return row
 
 
 def collect_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """All runs under ``paths``, one row each (ok and failed), sorted by model/scorer/ratio.
+    """All runs under ``paths``, one row each (finished, failed, unfinished), sorted by model/scorer/ratio.
 
     ``run`` is the run's path below the runs' common folder (in a sweep: Hydra's ``override_dirname``,
     i.e. what varied); ``path`` is absolute.
@@ -117,7 +115,7 @@ def collect_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
     if not run_dirs:
         raise ReportError(f"no {METRICS_FILE} found under: {', '.join(map(str, paths))}")
     labels = _labels(run_dirs)
-    df = pd.DataFrame([run_record(d, read_metrics(d), labels[d]) for d in run_dirs])
+    df = pd.DataFrame([run_row(d, read_record(d), labels[d]) for d in run_dirs])
     keys = [k for k in SORT_KEYS if k in df.columns]
     return df.sort_values(keys, na_position="last", kind="stable", key=_sort_key).reset_index(drop=True)
 
@@ -139,11 +137,16 @@ def _sort_key(column: pd.Series) -> pd.Series:
 
 
 def ok_runs(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["status"] == "ok"]
+    return df[df["status"] == OK]
 
 
 def failed_runs(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["status"] != "ok"]
+    return df[df["status"] == FAILED]
+
+
+def unfinished_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs whose record still says ``running``: under way, or killed."""
+    return df[df["status"] == RUNNING]
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -164,17 +167,19 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 
 def results_markdown(df: pd.DataFrame, plots: Sequence[Path] = ()) -> str:
-    """``results.md``: the ok runs, the published reference rows for their models, the failed runs."""
-    ok, failed = ok_runs(df), failed_runs(df)
-    parts = [f"# Results\n\n{len(ok)} finished run(s), {len(failed)} failed.\n"]
+    """``results.md``: the finished runs, the published reference rows for their models, the failed runs
+    and the unfinished ones (still running, or killed)."""
+    ok, failed, unfinished = ok_runs(df), failed_runs(df), unfinished_runs(df)
+    parts = [f"# Results\n\n{len(ok)} finished run(s), {len(failed)} failed, {len(unfinished)} unfinished.\n"]
     if len(ok):
+        ok = ok.assign(series=series_labels(ok))
         columns = [c for c in MD_COLUMNS if c in ok.columns and ok[c].notna().any()]
         table = ok[["run", *columns]].rename(columns=MD_COLUMNS)
         parts.append(markdown_table(table))
         parts.append(time_summary(ok))
         by_ratio = ratio_table(ok)
         if len(by_ratio):
-            parts.append("## Top-1 by pruning ratio\n\nFinal top-1 (%) of the uniform-ratio runs.\n")
+            parts.append("## Top-1 by pruning ratio\n\nFinal top-1 (%) of the uniform-ratio runs, mean over seeds.\n")
             parts.append(markdown_table(by_ratio))
     refs = _references_for_runs(ok)
     if refs:
@@ -184,31 +189,37 @@ def results_markdown(df: pd.DataFrame, plots: Sequence[Path] = ()) -> str:
     if len(failed):
         parts.append("## Failed runs\n")
         parts.append(markdown_table(failed[["run", "overrides", "error"]]))
+    if len(unfinished):
+        parts.append("## Unfinished runs\n\nTheir record still says running: under way, or killed.\n")
+        parts.append(markdown_table(unfinished[["run", "overrides"]]))
     parts += [f"![{p.stem}]({p.name})\n" for p in plots]
     return "\n".join(parts)
 
 
 def ratio_table(ok: pd.DataFrame) -> pd.DataFrame:
-    """One row per model and series (scorer, metric, recovery options), one column per uniform ratio:
-    final top-1 (mean over seeds), and the MACs reduction (in the header where every row of the column
-    shares it)."""
+    """One row per model, dataset and series (every setting but the ratio and the seed), one column per
+    uniform ratio: final top-1 (mean over seeds), and the MACs reduction (in the header where every row of
+    the column shares it)."""
     runs = ok[ok["protocol"] == "ratio"] if "protocol" in ok.columns else ok.iloc[:0]
     if not len(runs):
         return runs
-    runs = runs.assign(series=runs.apply(_series_label, axis=1))
-    cells = runs.groupby(["model", "series", "ratio"], sort=False).agg(
+    runs = runs.assign(series=series_labels(runs))
+    cells = runs.groupby(["model", "dataset", "series_key", "prune.ratio"], sort=False).agg(
         top1=("pruned_top1", "mean"), base=("base_top1", "mean"), macs=("MACs_reduction_%", "mean"))
-    shared = runs.groupby("ratio")["MACs_reduction_%"].nunique() == 1
+    shared = runs.groupby("prune.ratio")["MACs_reduction_%"].nunique() == 1
     text = [f"{top1:.2f}" if shared[ratio] else f"{top1:.2f} (-{macs:.1f}% MACs)"
-            for (_, _, ratio), top1, macs in zip(cells.index, cells["top1"], cells["macs"])]
-    table = cells.assign(cell=text)["cell"].unstack("ratio")
+            for (*_, ratio), top1, macs in zip(cells.index, cells["top1"], cells["macs"])]
+    table = cells.assign(cell=text)["cell"].unstack("prune.ratio")
     table = table[sorted(table.columns)]
-    macs = runs.groupby("ratio")["MACs_reduction_%"].first()
+    macs = runs.groupby("prune.ratio")["MACs_reduction_%"].first()
     table.columns = [f"ratio {r:g} (-{macs[r]:.1f}% MACs)" if shared[r] else f"ratio {r:g}"
                      for r in table.columns]
-    base = cells["base"].groupby(level=["model", "series"], sort=False).first()
-    return table.assign(**{"base top-1": base}).reset_index().rename(columns={"series": "scorer"})[
-        ["model", "scorer", "base top-1", *table.columns]]
+    base = cells["base"].groupby(level=["model", "dataset", "series_key"], sort=False).first()
+    label = runs.groupby("series_key")["series"].first()
+    table = table.assign(**{"base top-1": base}).reset_index()
+    table["series_key"] = table["series_key"].map(label)
+    return table.rename(columns={"series_key": "series"})[["model", "dataset", "series", "base top-1",
+                                                           *table.columns[3:-1]]]
 
 
 def time_summary(ok: pd.DataFrame) -> str:
@@ -219,7 +230,7 @@ def time_summary(ok: pd.DataFrame) -> str:
     total = ok["time_total_s"].sum()
     parts = [f"{c[5:-2]} {ok[c].sum():.1f} s" for c in stages if ok[c].notna().any()]
     other = total - sum(ok[c].sum() for c in stages)
-    parts.append(f"other (baseline, loading) {other:.1f} s")
+    parts.append(f"other (loading) {other:.1f} s")
     return f"Job time summed over these runs: {total:.1f} s ({', '.join(parts)}).\n"
 
 
@@ -239,38 +250,65 @@ def _references_for_runs(ok: pd.DataFrame) -> list[Reference]:
 
 # --------------------------------------------------------------------------------------------- plots
 
-def _series_label(run: pd.Series) -> str:
-    """What distinguishes a line within one model's panel: scorer and its similarity metric, the
-    allocation of a MACs target, iterative steps, compensation, BN re-estimation, fine-tuning."""
-    label = str(run["scorer"])
-    if _given(run.get("metric")) and run["metric"] != "ssim":
-        label += f" ({run['metric']})"
-    if run.get("protocol") == "target_macs_reduction" and _given(run.get("allocation")):
-        label += f" +{run['allocation']}"
-    if _given(run.get("iterative_steps")) and run["iterative_steps"] > 1:
-        label += f" +{int(run['iterative_steps'])} steps"
-    if _given(run.get("compensate")) and run["compensate"] != "none":
-        label += f" +{run['compensate']}"
-    if _given(run.get("bn_recalibration")) and run["bn_recalibration"] > 0:
-        label += " +BN"
-    if (run.get("finetune_epochs") or 0) > 0:
-        label += f", FT {int(run['finetune_epochs'])} ep"
-    return label
+def series_parts(runs: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Per run, its criterion (the scorer, with its similarity metric where not SSIM: the colour of a line)
+    and its variant (the line style): the recovery label and fine-tuning, then ``key=value`` for any other
+    setting, the seed and the pruned amount aside, where runs of one panel whose labels would be equal
+    differ in it (the panel's most common value goes unsaid). Runs of different settings (``series_key``) never
+    share both within a model and dataset."""
+
+    def criterion(run: pd.Series) -> str:
+        metric = run.get("scorer.metric")
+        return f"{run['scorer']} ({metric})" if _given(metric) and metric != "ssim" else str(run["scorer"])
+
+    def variant(run: pd.Series) -> str:
+        text = f" +{run['recovery']}" if _given(run.get("recovery")) and run["recovery"] != "none" else ""
+        if _given(run.get("finetune.epochs")) and run["finetune.epochs"] > 0:
+            text += f", FT {int(run['finetune.epochs'])} ep"
+        return text
+
+    criteria, variants = runs.apply(criterion, axis=1), runs.apply(variant, axis=1)
+    panel = runs["model"].astype(str) + "|" + runs["dataset"].astype(str) + "|"
+    covered = _LABELLED | set(AMOUNTS) | {"seed"}
+    for column in (c for c in runs.columns if is_setting_column(c) and c not in covered):
+        values = runs[column].map(_text)
+        common = values.groupby(panel).agg(lambda v: v.value_counts().sort_index().idxmax())
+        for _, members in values.groupby(panel + criteria + variants):
+            if members.nunique() < 2:
+                continue
+            for index, value in members.items():
+                if value != common[panel[index]]:
+                    variants[index] += f", {column}={value}" if value else f", {column} unset"
+    return criteria, variants
+
+
+def series_labels(runs: pd.DataFrame) -> pd.Series:
+    """What names a line of the plot or a row of the ratio table: criterion and variant."""
+    criterion, variant = series_parts(runs)
+    return criterion + variant
+
+
+def _text(value: Any) -> str:
+    if not _given(value):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _given(value: Any) -> bool:
     return value is not None and not (pd.api.types.is_scalar(value) and pd.isna(value))
 
 
-def _setting_text(run: Any) -> str:
-    """The pruning amount as its protocol states it: 'ratio 0.5', 'threshold 0.9', 'target 0.4'."""
-    protocol = run.get("protocol")
-    value = run.get(protocol if protocol in ("rates", "threshold", "target_macs_reduction") else "ratio")
-    return f"{protocol or 'ratio'} {value}"
+def _setting_text(columns: Any) -> str:
+    """The pruning amount as its protocol states it: 'ratio 0.5', 'threshold 0.9', 'rates [...]'."""
+    protocol = columns.get("protocol") or "ratio"
+    return f"{protocol} {columns.get(f'prune.{protocol}')}"
 
 
 def plot_pareto(df: pd.DataFrame) -> Figure:
-    """Top-1 change against MACs reduction, one panel per model/dataset, one line per scorer.
+    """Top-1 change against MACs reduction, one panel per model/dataset, one line per series (a setting
+    but for the pruned amount), one colour per criterion.
 
     The y axis is the change from each run's own baseline so that papers with other baselines (and QSFM,
     which states only its drop) sit on the same scale. Seeds of one setting are averaged.
@@ -279,24 +317,24 @@ def plot_pareto(df: pd.DataFrame) -> Figure:
     if not len(ok):
         raise ReportError("no finished run to plot")
     ok["top1_change"] = -ok["top1_drop"].astype(float)
-    ok["series"] = ok.apply(_series_label, axis=1)
+    ok["criterion"], ok["variant"] = series_parts(ok)
+    amounts = [c for c in AMOUNTS if c in ok.columns]
     panels = list(ok.groupby(["model", "dataset"], sort=True))
-    fig = Figure(figsize=(7.0 * len(panels), 6.5), layout="constrained")
+    legend_rows = max(runs["series_key"].nunique() for _, runs in panels) / 2 + 3   # references included
+    fig = Figure(figsize=(7.0 * len(panels), 5.0 + 0.18 * legend_rows), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, ((model, dataset), runs) in zip(axes, panels):
-        # One colour per criterion, one line style per recovery/fine-tuning variant of it.
-        criteria = sorted({series.split(" +")[0].split(",")[0] for series in runs["series"]})
-        colors = {c: f"C{i % 10}" for i, c in enumerate(criteria)}
-        variants = sorted({series[len(series.split(" +")[0].split(",")[0]):] for series in runs["series"]})
+        colors = {c: f"C{i % 10}" for i, c in enumerate(sorted(runs["criterion"].unique()))}
+        variants = sorted(runs["variant"].unique())
         styles = dict(zip(variants, _LINE_STYLES * (len(variants) // len(_LINE_STYLES) + 1)))
-        for series, points in runs.groupby("series", sort=True):
-            criterion = series.split(" +")[0].split(",")[0]
-            setting = points.groupby(["ratio", "threshold", "target_macs_reduction", "rates"],
-                                     dropna=False)[["MACs_reduction_%", "top1_change"]]
+        for _, points in sorted(runs.groupby("series_key", sort=False),
+                                key=lambda group: group[1]["criterion"].iloc[0] + group[1]["variant"].iloc[0]):
+            criterion, variant = points["criterion"].iloc[0], points["variant"].iloc[0]
+            setting = points.groupby(amounts, dropna=False)[["MACs_reduction_%", "top1_change"]]
             mean, std = setting.mean().sort_values("MACs_reduction_%"), setting.std()
             ax.errorbar(mean["MACs_reduction_%"], mean["top1_change"],
                         yerr=std.loc[mean.index, "top1_change"].fillna(0.0), marker="o", ms=4, capsize=2,
-                        label=series, color=colors[criterion], ls=styles[series[len(criterion):]])
+                        label=criterion + variant, color=colors[criterion], ls=styles[variant])
         _plot_references(ax, references_for(str(model), str(dataset)), colors)
         ax.axhline(0.0, color="grey", lw=0.8, ls=":")
         ax.set(title=f"{model} on {dataset}", xlabel="MACs reduction (%)",
@@ -323,11 +361,15 @@ def _plot_references(ax: Any, refs: Sequence[Reference], colors: dict[str, str])
 
 
 def plot_kept_channels(run_dir: Path) -> Figure:
-    """Kept vs total channels of every pruned layer of one run."""
-    metrics = read_metrics(run_dir)
-    kept = metrics.get("kept_channels")
-    if not kept:
-        raise ReportError(f"run {str(run_dir)!r} has no kept_channels (status {metrics.get('status')!r})")
+    """Kept vs total channels of every pruned layer of one finished run."""
+    record = read_record(run_dir)
+    if isinstance(record, str):
+        raise ReportError(f"run {str(run_dir)!r} has a {record}")
+    if record.results is None:
+        why = f"failed ({record.error})" if record.status == FAILED else "is unfinished (running, or killed)"
+        raise ReportError(f"run {str(run_dir)!r} {why}: its kept channels are known only once it has finished")
+    kept = record.results.kept_channels
+    columns = record.settings.columns()
     names = list(kept)
     totals = [kept[n]["total"] for n in names]
     fig = Figure(figsize=(max(6.0, 0.22 * len(names) + 2), 4.5), layout="constrained")
@@ -335,8 +377,8 @@ def plot_kept_channels(run_dir: Path) -> Figure:
     ax.bar(names, totals, color="lightgrey", label="total")
     ax.bar(names, [kept[n]["kept"] for n in names], color="tab:blue", label="kept")
     ax.set_ylabel("channels")
-    ax.set_title(f"kept channels: {metrics.get('model')} / {metrics.get('scorer')} / {_setting_text(metrics)}\n"
-                 + "\n".join(textwrap.wrap(run_dir.name, 90)), fontsize=9)
+    ax.set_title(f"kept channels: {columns['model']} / {columns['scorer']} / {_setting_text(columns)} / "
+                 f"recovery {columns['recovery']}\n" + "\n".join(textwrap.wrap(run_dir.name, 90)), fontsize=9)
     ax.tick_params(axis="x", labelrotation=90, labelsize=6)
     ax.legend(fontsize=8)
     return fig
@@ -352,9 +394,9 @@ def plot_finetune(df: pd.DataFrame) -> Figure | None:
         return None
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     acc_ax, loss_ax = fig.subplots(1, 2)
-    for _, run in runs.iterrows():
+    for (_, run), series in zip(runs.iterrows(), series_labels(runs)):
         log = pd.read_csv(Path(run["path"]) / TRAIN_LOG)
-        label = f"{run['model']} {_series_label(run)}, {_setting_text(run)}"
+        label = f"{run['model']} {series}, {_setting_text(run)}"
         acc_ax.plot(log["epoch"], log["test_top1"], marker=".", label=label)
         loss_ax.plot(log["epoch"], log["loss"], marker=".", label=label)
     acc_ax.set(xlabel="epoch", ylabel="test top-1 (%)", title="fine-tuning: test top-1")
@@ -373,17 +415,20 @@ def save_png(fig: Figure, path: Path) -> Path:
 # --------------------------------------------------------------------------------------------- report
 
 def write_report(df: pd.DataFrame, out_dir: str | Path, layers_run: str | Path | None = None) -> list[Path]:
-    """Write results.csv, failed.csv (if any), the plots and results.md into ``out_dir``.
+    """Write results.csv, failed.csv (failed and unfinished runs, if any), the plots and results.md into
+    ``out_dir``.
 
     ``layers_run`` picks the run of ``kept_channels.png``; default: the first finished run.
     Returns the written paths.
     """
     out = Path(out_dir)
-    ok, failed = ok_runs(df), failed_runs(df)
-    written = [_write_frame(ok.drop(columns=["error", "has_train_log"], errors="ignore"),
+    ok, rest = ok_runs(df), df[df["status"] != OK]
+    internal = ["status", "error", "has_train_log", "series_key"]
+    written = [_write_frame(ok.drop(columns=internal, errors="ignore").dropna(axis=1, how="all"),
                             out / "results.csv")]
-    if len(failed):
-        written.append(_write_frame(failed[["run", "path", "overrides", *SETTING_KEYS, "error"]],
+    if len(rest):
+        settings = [c for c in rest.columns if is_setting_column(c) and rest[c].notna().any()]
+        written.append(_write_frame(rest[["run", "path", "status", "overrides", *settings, "error"]],
                                     out / "failed.csv"))
     plots = []
     if len(ok):
@@ -417,7 +462,7 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 def run_config(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     """The resolved config: from metrics.json, else Hydra's ``.hydra/config.yaml``."""
-    if metrics.get("config"):
+    if isinstance(metrics.get("config"), dict):
         return metrics["config"]
     path = run_dir / ".hydra" / "config.yaml"
     return yaml.safe_load(path.read_text()) if path.is_file() else {}
@@ -445,7 +490,7 @@ def compare_runs(a: str | Path, b: str | Path) -> str:
         if not (run_dir / METRICS_FILE).is_file():
             raise ReportError(f"not a run directory (no {METRICS_FILE}): {str(path)!r}")
         dirs.append(run_dir)
-    metrics = [read_metrics(d) for d in dirs]
+    metrics = [_read_json(d) for d in dirs]
     configs = side_by_side(*(flatten(run_config(d, m)) for d, m in zip(dirs, metrics)))
     values = side_by_side(*(_comparable_metrics(m) for m in metrics))
     n_diff = int(configs["differs"].sum())
@@ -455,13 +500,28 @@ def compare_runs(a: str | Path, b: str | Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _read_json(run_dir: Path) -> dict[str, Any]:
+    """``metrics.json`` as it is (``{}`` when it is not a JSON object): compare shows whatever it holds."""
+    try:
+        data = json.loads((run_dir / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _comparable_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Metrics without the config (shown above), plus the results row's derived figures (drop, reductions,
-    speedups); per-layer channels summed to one figure."""
-    flat = flatten({k: v for k, v in metrics.items() if k not in ("config", "kept_channels")})
-    if metrics.get("status") == "ok":
-        flat.update({f"summary.{k}": v for k, v in results_row(metrics).items() if k not in SETTING_KEYS})
-    kept = metrics.get("kept_channels")
+    """The record without the config (shown above), plus the results row's derived figures (drop,
+    reductions, speedups); per-layer channels summed to one figure."""
+    results = metrics.get("results") if isinstance(metrics.get("results"), dict) else {}
+    flat = flatten({k: v for k, v in metrics.items() if k not in ("config", "results")})
+    flat.update(flatten({k: v for k, v in results.items() if k != "kept_channels"}, "results"))
+    if metrics.get("status") == OK:
+        try:
+            row = results_row(RunRecord.from_dict(metrics))
+        except ValueError:
+            row = {}
+        flat.update({f"summary.{k}": v for k, v in row.items() if not is_setting_column(k)})
+    kept = results.get("kept_channels")
     if kept:
         flat["kept_channels.kept/total"] = (f"{sum(v['kept'] for v in kept.values())}"
                                             f"/{sum(v['total'] for v in kept.values())}")
@@ -502,10 +562,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             df = collect_runs(args.paths)
             out = args.out if args.out is not None else _default_out(Path(args.paths[0]))
             written = write_report(df, out, args.layers)
-            ok, failed = len(ok_runs(df)), len(failed_runs(df))
-            print(f"{ok} finished run(s), {failed} failed; wrote " + ", ".join(str(p) for p in written))
+            ok, failed, unfinished = len(ok_runs(df)), len(failed_runs(df)), len(unfinished_runs(df))
+            print(f"{ok} finished run(s), {failed} failed, {unfinished} unfinished; wrote "
+                  + ", ".join(str(p) for p in written))
     except ReportError as exc:
         parser.exit(2, f"qsfm-report: error: {exc}\n")
+    except OSError as exc:
+        parser.exit(2, f"qsfm-report: error: cannot write {exc.filename}: {exc.strerror}\n")
     return 0
 
 

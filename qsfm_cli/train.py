@@ -53,19 +53,13 @@ _SYNC_EVERY = 25   # steps between host syncs (progress bar, NaN check, ranks ag
 
 @dataclass
 class TrainRecipe:
-    """How to train; the keys of ``conf/finetune/*.yaml``.
+    """How to train: the fields that determine the trained weights (``conf/finetune/*.yaml``).
 
     ``milestones`` (``schedule=step``): a value below 1 is a fraction of the run (``0.5`` = half-way, so an
     ``epochs`` override keeps the shape), a value of 1 or more an epoch number (the lr drops when that
-    epoch, counted from 0 as in ``MultiStepLR``, begins); the lr is multiplied by ``gamma`` at each. ``warmup_epochs``
-    ramps the lr linearly from ~0 over that many epochs, per step, for either schedule. ``amp``: ``auto``
-    is bf16 on CUDA when supported, else fp16 (with loss scaling), and fp32 on the CPU. ``channels_last``
-    puts the model and the batches in that memory format (faster convolutions on tensor cores, and
-    with oneDNN on the CPU). ``eval_every``: test accuracy every N epochs and always after the last (0: only
-    after the last). ``data_path``: ``device`` keeps the uint8 data on the device, ``torchvision`` uses a
-    DataLoader with ``num_workers`` PIL workers, ``auto`` picks ``device`` when the data fits.
-    ``deterministic`` asks cuDNN/CUDA for deterministic kernels, so GPU reruns and resumes repeat exactly
-    (CPU runs do anyway); ``false`` lets cuDNN autotune for speed.
+    epoch, counted from 0 as in ``MultiStepLR``, begins); the lr is multiplied by ``gamma`` at each.
+    ``warmup_epochs`` ramps the lr linearly from ~0 over that many epochs, per step, for either schedule.
+    How fast the training runs is ``Execution``'s business, not the recipe's.
     """
 
     epochs: int = 10
@@ -79,29 +73,18 @@ class TrainRecipe:
     milestones: tuple[float, ...] = (0.5, 0.75)
     gamma: float = 0.1
     warmup_epochs: int = 0
-    amp: str = "auto"
-    channels_last: bool = True
-    compile: bool = False
-    eval_every: int = 1
-    data_path: str = "auto"
-    num_workers: int = 4
-    deterministic: bool = True
-
-    # Fields that change speed or logging, not the optimisation protocol: left out of cache keys and of
-    # the resume consistency check.
-    EXECUTION_FIELDS = ("amp", "channels_last", "compile", "eval_every", "data_path", "num_workers",
-                        "deterministic")
 
     def __post_init__(self) -> None:
         self.milestones = tuple(self.milestones)   # also turns an OmegaConf ListConfig into a tuple
         _check_choice("schedule", self.schedule, SCHEDULES)
-        _check_choice("amp", self.amp, AMP_MODES)
-        _check_choice("data_path", self.data_path, PATHS)
-        for name in ("epochs", "warmup_epochs", "eval_every", "num_workers"):
+        for name in ("epochs", "warmup_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("lr", "momentum", "weight_decay", "gamma"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.nesterov and self.momentum <= 0:
@@ -115,24 +98,61 @@ class TrainRecipe:
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> "TrainRecipe":
         """Like ``TrainRecipe(**cfg)``, with a one-line error naming an unknown key."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; accepted: {', '.join(sorted(known))}")
-        return cls(**cfg)
+        return cls(**_known_keys(cls, cfg, "training option"))
 
-    def protocol(self) -> dict[str, Any]:
-        """The fields that determine the trained weights (what a cache key or a resume must match)."""
-        out = asdict(self)
-        for name in self.EXECUTION_FIELDS:
-            out.pop(name)
-        out["milestones"] = list(self.milestones)
-        return out
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able; what a baseline cache key or a resume must match."""
+        return {**asdict(self), "milestones": list(self.milestones)}
 
     def milestone_steps(self, steps_per_epoch: int) -> list[int]:
         """Optimizer steps at which the lr drops: a fraction of the whole run, or an epoch's first step."""
         total = self.epochs * steps_per_epoch
         return sorted(round(m * total) if m < 1 else int(m) * steps_per_epoch for m in self.milestones)
+
+
+@dataclass
+class Execution:
+    """How fast a training runs, never what it computes beyond floating-point detail (the ``execution``
+    config node): left out of cache keys and of the resume check.
+
+    ``amp``: ``auto`` is bf16 on CUDA when supported, else fp16 (with loss scaling), and fp32 on the CPU.
+    ``channels_last`` puts the model and the batches in that memory format (faster convolutions on tensor
+    cores, and with oneDNN on the CPU). ``eval_every``: test accuracy every N epochs and always after the
+    last (0: only after the last). ``data_path``: ``device`` keeps the uint8 data on the device,
+    ``torchvision`` uses a DataLoader with ``num_workers`` PIL workers, ``auto`` picks ``device`` when the
+    data fits. ``deterministic`` asks cuDNN/CUDA for deterministic kernels, so GPU reruns and resumes repeat
+    exactly (CPU runs do anyway); ``false`` lets cuDNN autotune for speed.
+    """
+
+    amp: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    eval_every: int = 1
+    data_path: str = "auto"
+    num_workers: int = 4
+    deterministic: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("amp", self.amp, AMP_MODES)
+        _check_choice("data_path", self.data_path, PATHS)
+        for name in ("eval_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any]) -> "Execution":
+        return cls(**_known_keys(cls, cfg, "execution option"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _known_keys(cls: type, cfg: Mapping[str, Any], what: str) -> dict[str, Any]:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; accepted: {', '.join(sorted(known))}")
+    return dict(cfg)
 
 
 def _check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
@@ -187,14 +207,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def evaluate_top1(model: nn.Module, ds: ImageSet, *, device: str | torch.device, batch_size: int = 512,
-                  amp: str = "none", data_path: str = "auto", num_workers: int = 4) -> float:
-    """Top-1 accuracy (percent) of ``model`` on every image of ``ds``; restores the model's mode."""
-    device = torch.device(device)
-    loader = make_loader(ds, batch_size, device=device, train=False, path=data_path, num_workers=num_workers)
-    return 100.0 * _correct(model, loader, device, resolve_amp(amp, device)).item() / loader.num_images
-
-
 @torch.no_grad()
 def _correct(model: nn.Module, loader: DeviceLoader | TorchvisionLoader, device: torch.device,
              dtype: torch.dtype | None) -> torch.Tensor:
@@ -210,9 +222,10 @@ def _correct(model: nn.Module, loader: DeviceLoader | TorchvisionLoader, device:
 
 
 def train(model: nn.Module, train_set: ImageSet | FolderSet, test_set: ImageSet | FolderSet | None,
-          recipe: TrainRecipe, *, device: str | torch.device, seed: int, run_dir: Path | None = None,
-          resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train ``model`` in place following ``recipe``; see the module docstring for checkpoints.
+          recipe: TrainRecipe, *, device: str | torch.device, seed: int, execution: Execution | None = None,
+          run_dir: Path | None = None, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train ``model`` in place following ``recipe``, run as ``execution`` says (default ``Execution()``);
+    see the module docstring for checkpoints.
 
     With ``run_dir``, ``run_dir/train_state.pt`` (loadable with ``torch.load(weights_only=True)``) is
     rewritten after every epoch and ``run_dir/train_log.csv`` gets one row per epoch. ``resume=True``
@@ -227,13 +240,14 @@ def train(model: nn.Module, train_set: ImageSet | FolderSet, test_set: ImageSet 
         return TrainResult()
     ctx = distributed.init()
     device = distributed.rank_device(device, ctx)
+    execution = execution or Execution()
     run_dir = Path(run_dir) if run_dir is not None else None
-    with torch.random.fork_rng(devices=_cuda_devices(device)), _determinism(recipe.deterministic, device), \
+    with torch.random.fork_rng(devices=_cuda_devices(device)), _determinism(execution.deterministic, device), \
             _stop_flag() as interrupted:
         # Every rank seeds alike, so rank 0's saved RNG state resumes every rank.
         torch.manual_seed(seed)
-        trainer = _Trainer(model, train_set, test_set, recipe, device=device, seed=seed, run_dir=run_dir,
-                           progress=progress, ctx=ctx)
+        trainer = _Trainer(model, train_set, test_set, recipe, execution, device=device, seed=seed,
+                           run_dir=run_dir, progress=progress, ctx=ctx)
         try:
             return trainer.run(resume=resume, interrupted=interrupted)
         finally:
@@ -270,15 +284,15 @@ class _EpochSums:
 
 class _Trainer:
     def __init__(self, model: nn.Module, train_set: ImageSet | FolderSet, test_set: ImageSet | FolderSet | None,
-                 recipe: TrainRecipe, *, device: torch.device, seed: int, run_dir: Path | None, progress: bool,
-                 ctx: distributed.Context):
-        self.model, self.recipe, self.ctx = model, recipe, ctx
+                 recipe: TrainRecipe, execution: Execution, *, device: torch.device, seed: int,
+                 run_dir: Path | None, progress: bool, ctx: distributed.Context):
+        self.model, self.recipe, self.execution, self.ctx = model, recipe, execution, ctx
         self.device, self.seed, self.run_dir = device, seed, run_dir
         self.progress = progress and ctx.is_main
         # What the run started from: a resume must continue the same (pruned) model, not another one.
         self.start_key = model_fingerprint(model)
-        self.amp = resolve_amp(recipe.amp, device)
-        self.channels_last = recipe.channels_last
+        self.amp = resolve_amp(execution.amp, device)
+        self.channels_last = execution.channels_last
         model.to(device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -290,11 +304,12 @@ class _Trainer:
         shard = (ctx.rank, ctx.world)
         self.loader: DeviceLoader | TorchvisionLoader = make_loader(
             train_set, recipe.batch_size, device=device, train=True, seed=seed, drop_last=drop_last,
-            path=recipe.data_path, num_workers=recipe.num_workers, channels_last=self.channels_last, shard=shard)
+            path=execution.data_path, num_workers=execution.num_workers, channels_last=self.channels_last,
+            shard=shard)
         self.steps = len(self.loader)
         self.test_loader = None if test_set is None else make_loader(
-            test_set, 512, device=device, train=False, path=recipe.data_path, num_workers=recipe.num_workers,
-            channels_last=self.channels_last, shard=shard)
+            test_set, 512, device=device, train=False, path=execution.data_path,
+            num_workers=execution.num_workers, channels_last=self.channels_last, shard=shard)
         self.test_images = 0 if test_set is None else len(test_set)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                          nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
@@ -302,7 +317,7 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
         wrapped = distributed.wrap(model, device, ctx)
-        self.net = torch.compile(wrapped) if recipe.compile else wrapped
+        self.net = torch.compile(wrapped) if execution.compile else wrapped
         # Ranks evaluate different images, and a DDP forward is a collective: test with the bare model.
         self.eval_net = model if ctx.active else self.net
         self.history: list[dict[str, Any]] = []
@@ -395,13 +410,13 @@ class _Trainer:
                 and self.state_path.is_file() else "no checkpoint was written")
         raise NonFiniteLossError(
             f"loss became NaN/inf at epoch {epoch + 1}/{self.recipe.epochs}, step {bad + 1}/{self.steps} "
-            f"(lr {self.recipe.lr:g}, amp {self.recipe.amp}); training stopped and {kept}. Lower the learning "
+            f"(lr {self.recipe.lr:g}, amp {self.execution.amp}); training stopped and {kept}. Lower the learning "
             f"rate, or try amp=bf16/none")
 
     def _finish_epoch(self, epoch: int, sums: _EpochSums) -> dict[str, Any]:
         started = time.perf_counter()
         last = epoch + 1 == self.recipe.epochs
-        every = self.recipe.eval_every
+        every = self.execution.eval_every
         test = None
         if self.test_loader is not None and (last or (every and (epoch + 1) % every == 0)):
             test = self._evaluate()
@@ -453,7 +468,7 @@ class _Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "rng": {"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
-            "history": self.history, "recipe": self.recipe.protocol(), "seed": self.seed,
+            "history": self.history, "recipe": self.recipe.to_dict(), "seed": self.seed,
             "start": self.start_key,
         }
         atomic_write(self.state_path, lambda f: torch.save(state, f))
@@ -488,7 +503,7 @@ class _Trainer:
         if state.get("start") != self.start_key:
             raise ValueError(f"cannot resume from {path}: it was written for a different model (other weights, "
                              f"channels or scorer); use another run directory, or set resume=false to start over")
-        ours = self.recipe.protocol()
+        ours = self.recipe.to_dict()
         changed = sorted(k for k in ours.keys() | state["recipe"].keys() if ours.get(k) != state["recipe"].get(k))
         if changed or state["seed"] != self.seed:
             what = ", ".join(f"{k}: {state['recipe'].get(k)!r} -> {ours.get(k)!r}" for k in changed)

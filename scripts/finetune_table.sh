@@ -9,6 +9,6 @@ data=$1; ckpt=$2; out=$3; shift 3
 common=(model=resnet56 "model.checkpoint=$ckpt" dataset=cifar10 "dataset.root=$data" progress=false
         "cache.dir=$out/cache" "hydra.sweep.dir=$out/runs" prune=target prune.target_macs_reduction=0.4827
         finetune=cpu_short scorer=qsfm,simscore,l1,random "$@")
-qsfm-run -m "${common[@]}" prune.compensate=none
-qsfm-run -m "${common[@]}" prune.compensate=lstsq prune.bn_recalibration=1024
+qsfm-run -m "${common[@]}" recover=none
+qsfm-run -m "${common[@]}" recover=lstsq recover.bn_images=1024
 qsfm-report "$out/runs" --out "$out/report"

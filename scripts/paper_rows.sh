@@ -20,7 +20,7 @@ common=("dataset.root=$data" progress=false "cache.dir=$out/cache" "$@")
 # QSFM without fine-tuning: the paper's own protocol (threshold searched for -48.27% MACs, twin folding),
 # then the same MACs target reached with per-layer sensitivity allocation and least-squares compensation.
 qsfm-run -m experiment=qsfm_resnet56 "model.checkpoint=$r56" "${common[@]}" "hydra.sweep.dir=$out/qsfm" \
-  prune.allocation=threshold,sensitivity prune.compensate=twin,lstsq prune.bn_recalibration=0,2048
+  prune.allocation=threshold,sensitivity recover=twin,lstsq recover.bn_images=0,2048
 for row in hrank_resnet56 chip_resnet56_a chip_resnet56_b; do
   qsfm-run "experiment=$row" "model.checkpoint=$r56" "${common[@]}" "hydra.run.dir=$out/$row"
 done

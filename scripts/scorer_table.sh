@@ -15,11 +15,11 @@ qsfm-run -m "${common[@]}" "hydra.sweep.dir=$out/simscore_metrics" scorer=simsco
   scorer.metric=cosine,pearson prune.ratio=0.3,0.5,0.7
 # What each no-fine-tune recovery option buys, alone and combined.
 qsfm-run -m "${common[@]}" "hydra.sweep.dir=$out/recovery" scorer=qsfm prune.ratio=0.3,0.5,0.7 \
-  prune.compensate=none,twin,lstsq prune.bn_recalibration=0,2048
+  recover=none,twin,lstsq recover.bn_images=0,2048
 # Iterative pruning (statistics re-collected and compensation re-fitted between 2 steps), alone and combined.
 qsfm-run -m "${common[@]}" "hydra.sweep.dir=$out/iterative" scorer=qsfm prune.ratio=0.3,0.5,0.7 \
-  prune.iterative_steps=2 prune.compensate=none,lstsq prune.bn_recalibration=0,2048
+  recover=none,lstsq recover.iterative_steps=2 recover.bn_images=0,2048
 # The best recovery (lstsq + BN) for every other scorer too, so the criteria are compared on equal terms.
 qsfm-run -m "${common[@]}" "hydra.sweep.dir=$out/recovery_all" scorer=simscore,l1,fpgm,hrank,chip,random \
-  prune.ratio=0.3,0.5,0.7 prune.compensate=lstsq prune.bn_recalibration=2048
+  prune.ratio=0.3,0.5,0.7 recover=lstsq recover.bn_images=2048
 qsfm-report "$out" --out "$out/report"

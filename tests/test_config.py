@@ -3,14 +3,17 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.errors import MissingConfigException
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
 from torch import nn
 
 from qsfm_cli.app import build, config_dir
+from qsfm_cli.models import create_model
 from qsfm_cli.papers import reference
 from qsfm_cli.plan import PlanSpec
+from qsfm_cli.recover import RecoverySpec
 from qsfm_cli.train import TrainRecipe
 
 CONF = config_dir()
@@ -28,7 +31,8 @@ def composed(*overrides: str):
 @pytest.mark.parametrize("name", options("model"))
 def test_model_options_instantiate(name):
     cfg = composed(f"model={name}")
-    assert isinstance(instantiate(cfg.model.arch), nn.Module)
+    model = create_model(cfg.model.name, num_classes=cfg.dataset.num_classes, **cfg.model.kwargs)
+    assert isinstance(model, nn.Module)
 
 
 @pytest.mark.parametrize("name", options("dataset"))
@@ -62,6 +66,13 @@ def test_prune_options_build_a_plan(name):
     assert PlanSpec.from_config(plan_keys) is not None
 
 
+@pytest.mark.parametrize("name", options("recover"))
+def test_recover_options_build_a_recovery(name):
+    spec = build(composed(f"recover={name}", "recover.bn_images=64").recover)
+    assert isinstance(spec, RecoverySpec) and spec.method.name == name
+    assert spec.label == ("bn" if name == "none" else f"{name}+bn")
+
+
 @pytest.mark.parametrize("name", options("finetune"))
 def test_finetune_options_build_a_recipe(name):
     recipe = TrainRecipe.from_dict(OmegaConf.to_container(composed(f"finetune={name}").finetune))
@@ -79,7 +90,20 @@ def test_experiment_options_resolve(name):
 
 def test_defaults_run_the_product_command():
     cfg = composed("prune.ratio=0.3")
-    assert (cfg.model.name, cfg.scorer.name, cfg.prune.ratio, cfg.finetune.epochs) == ("resnet56", "qsfm", 0.3, 0)
+    assert (cfg.model.name, cfg.scorer.name, cfg.prune.ratio, cfg.recover.name, cfg.finetune.epochs) == \
+        ("resnet56", "qsfm", 0.3, "none", 0)
+
+
+def test_schemas_type_every_group_and_keep_the_python_defaults():
+    cfg = composed("recover=lstsq", "scorer=simscore")
+    # the defaults come from the specs, not from a second copy in the YAML
+    assert cfg.prune.sensitivity_grid == list(PlanSpec().sensitivity_grid)
+    assert (cfg.recover.ridge, cfg.scorer.k1, cfg.execution.amp) == (1e-3, 0.01, "auto")
+    for override in ("prune.ratio=abc", "recover.ridge=abc", "scorer.window=abc", "finetune.lr=abc",
+                     "execution.channels_last=maybe", "collect.num_images=abc", "dataset.num_classes=abc"):
+        with pytest.raises(ConfigCompositionException) as err:
+            composed("recover=lstsq", "scorer=simscore", override)
+        assert isinstance(err.value.__cause__, ValidationError), override
 
 
 def test_unknown_group_option_lists_hydras_choices():
@@ -89,7 +113,7 @@ def test_unknown_group_option_lists_hydras_choices():
 
 
 def test_every_group_has_options():
-    for group in ("model", "dataset", "scorer", "prune", "finetune", "experiment"):
+    for group in ("model", "dataset", "scorer", "prune", "recover", "finetune", "experiment"):
         assert options(group), group
     assert Path(CONF, "config.yaml").is_file()
 

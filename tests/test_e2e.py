@@ -1,7 +1,5 @@
 """End to end: the installed command on synthetic data with a tiny model, and bad input."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,19 +8,18 @@ from hydra import compose, initialize_config_dir
 import qsfm_cli
 from qsfm_cli.app import build_experiment, config_dir
 from qsfm_cli.models import create_model, list_models
+from qsfm_cli.record import RunRecord
 from qsfm_cli.pipeline import run_experiment
 
-
-def qsfm_run(*overrides: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qsfm_cli.app", *overrides], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+from .conftest import qsfm_run
 
 
-def experiment(tmp_path, *overrides: str):
+def experiment(tmp_path, *overrides: str, run: str = "run"):
+    """The smoke experiment with ``overrides``, run in ``tmp_path/run``, cached in ``tmp_path/cache``."""
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=smoke", f"cache.dir={tmp_path / 'cache'}",
                                            *overrides])
-    return build_experiment(cfg, tmp_path / "run")
+    return build_experiment(cfg, tmp_path / run)
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +34,16 @@ def smoke_run(tmp_path_factory):
 def test_cli_writes_metrics_table_and_model(smoke_run):
     run_dir, stdout = smoke_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["status"] == "ok"
-    assert metrics["final"]["macs"] < metrics["base"]["macs"]
-    assert metrics["final"]["params"] < metrics["base"]["params"]
-    assert all(v["kept"] == v["total"] - v["total"] // 2 for v in metrics["kept_channels"].values())
+    record = RunRecord.from_dict(metrics)
+    assert record.status == "ok" and record.to_dict() == metrics
+    results = record.results
+    assert results.final.macs < results.base.macs and results.final.params < results.base.params
+    assert all(v["kept"] == v["total"] - v["total"] // 2 for v in results.kept_channels.values())
     header = (run_dir / "results.csv").read_text().splitlines()[0].split(",")
-    for column in ("model", "dataset", "scorer", "ratio", "seed", "base_top1", "pruned_top1", "top1_drop",
-                   "base_MACs_M", "pruned_MACs_M", "MACs_reduction_%", "base_params_M", "pruned_params_M",
-                   "params_reduction_%", "base_latency_b1_ms", "pruned_latency_b1_ms", "speedup_b1",
-                   "finetune_epochs"):
+    for column in ("model", "dataset", "scorer", "prune.ratio", "recovery", "seed", "base_top1", "pruned_top1",
+                   "top1_drop", "base_MACs_M", "pruned_MACs_M", "MACs_reduction_%", "base_params_M",
+                   "pruned_params_M", "params_reduction_%", "base_latency_b1_ms", "pruned_latency_b1_ms",
+                   "speedup_b1", "finetune.epochs"):
         assert column in header
     assert "MACs_reduction_%" in stdout
     assert (run_dir / ".hydra" / "config.yaml").is_file()
@@ -66,7 +64,8 @@ def test_same_config_prunes_the_same_channels(tmp_path):
     second = run_experiment(experiment(tmp_path / "b", "scorer=random"))
     a = qsfm_cli.load_pruned(tmp_path / "a" / "run" / "pruned_model.pt")
     b = qsfm_cli.load_pruned(tmp_path / "b" / "run" / "pruned_model.pt")
-    assert first["kept_channels"] == second["kept_channels"]
+    assert first.results.kept_channels == second.results.kept_channels
+    assert first.settings == second.settings and first.results.final.top1 == second.results.final.top1
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(pa, pb), name
 
@@ -76,13 +75,14 @@ def test_same_config_prunes_the_same_channels(tmp_path):
     ("prune.ratio=1.5", "1.5"),
     ("model.checkpoint=missing.pt", "checkpoint 'missing.pt' not found"),
     ("device=cuda:7", "device 'cuda:7'"),
-    ("prune.compensate=foo", "prune.compensate='foo'; accepted: none, twin, lstsq"),
-    ("prune.iterative_steps=0", "prune.iterative_steps=0"),
-    ("prune.bn_recalibration=1", "prune.bn_recalibration=1"),
+    ("recover.name=foo", "unknown recover.name 'foo'; accepted: lstsq, none, twin"),
+    ("recover.iterative_steps=0", "recover.iterative_steps=0"),
+    ("recover.bn_images=1", "recover.bn_images=1"),
+    ("recover=lstsq recover.ridge=-1", "recover.ridge=-1.0; must be >= 0"),
 ])
 def test_bad_values_fail_with_one_line_naming_them(tmp_path, override, message):
     with pytest.raises((ValueError, FileNotFoundError)) as err:
-        run_experiment(experiment(tmp_path, override))
+        run_experiment(experiment(tmp_path, *override.split()))
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -105,25 +105,29 @@ def test_cli_bad_value_prints_one_line_and_records_the_failure(tmp_path):
 
 
 def test_iterative_compensated_pruning_reaches_the_one_step_plan(tmp_path):
-    one = run_experiment(experiment(tmp_path / "one", "scorer=qsfm", "prune.compensate=lstsq"))
-    two = run_experiment(experiment(tmp_path / "two", "scorer=qsfm", "prune.compensate=lstsq",
-                                    "prune.iterative_steps=2", "prune.bn_recalibration=64"))
-    assert two["kept_channels"] == one["kept_channels"]
-    assert two["final"]["macs"] == one["final"]["macs"]
-    assert set(two["compensation"].values()) == {"compensated"}
+    one = run_experiment(experiment(tmp_path / "one", "scorer=qsfm", "recover=lstsq"))
+    two = run_experiment(experiment(tmp_path / "two", "scorer=qsfm", "recover=lstsq",
+                                    "recover.iterative_steps=2", "recover.bn_images=64"))
+    assert two.results.kept_channels == one.results.kept_channels
+    assert two.results.final.macs == one.results.final.macs
+    assert set(two.results.recovery.values()) == {"compensated"}
+    assert (one.settings.recovery, two.settings.recovery) == ("lstsq", "lstsq+bn+2steps")
     # The second step re-collected statistics on the partly pruned model.
-    assert two["timings_s"]["collect"] > 0
+    assert two.cache["stats@2"] == "miss" and two.timings_s["collect"] > 0
+    assert {"baseline", "collect", "score", "plan", "prune", "recover", "evaluate"} <= set(two.timings_s)
 
 
 def test_sensitivity_table_is_cached_with_the_scores(tmp_path):
     overrides = ("prune=sensitivity", "prune.target_macs_reduction=0.3", "prune.sensitivity_grid=[0.25,0.5]",
-                 "prune.sensitivity_images=32")
-    first = run_experiment(experiment(tmp_path, *overrides))
-    second = run_experiment(experiment(tmp_path, *overrides))
-    assert (first["cache"]["sensitivity"], second["cache"]["sensitivity"]) == ("miss", "hit")
-    reached = 1 - first["final"]["macs"] / first["base"]["macs"]
+                 "prune.sensitivity_images=32", "recover=lstsq")
+    first = run_experiment(experiment(tmp_path, *overrides, run="a"))
+    second = run_experiment(experiment(tmp_path, *overrides, run="b"))
+    assert (first.cache["sensitivity"], second.cache["sensitivity"]) == ("miss", "hit")
+    reached = 1 - first.results.final.macs / first.results.base.macs
     assert abs(reached - 0.3) <= 0.005 + 1e-9
-    assert first["kept_channels"] == second["kept_channels"]
+    assert first.results.kept_channels == second.results.kept_channels
+    # the sensitivity table is measured in the plan stage, not in the prune stage
+    assert first.timings_s["plan"] > first.timings_s["prune"]
 
 
 def test_atomic_writes_leave_readable_files_and_no_temp_files(tmp_path):
@@ -148,20 +152,20 @@ def test_resnet56_on_real_cifar10_matches_the_published_baseline(tmp_path):
             "model=resnet56", f"model.checkpoint={checkpoint}", "dataset=cifar10", f"dataset.root={CIFAR_ROOT}",
             "prune.ratio=0.5", "scorer=l1", "finetune.epochs=0", "progress=false", "eval.latency_repeats=3",
             f"cache.dir={tmp_path / 'cache'}"])
-    metrics = run_experiment(build_experiment(cfg, tmp_path / "run"))
-    assert metrics["base"]["top1"] == pytest.approx(93.39, abs=0.005)
-    assert round(metrics["base"]["macs"] / 1e6, 2) == 125.49
-    assert round(metrics["base"]["params"] / 1e6, 3) == 0.853
-    assert round(100 * (1 - metrics["final"]["macs"] / metrics["base"]["macs"]), 2) == 49.82
-    assert 10 < metrics["final"]["top1"] < metrics["base"]["top1"]
+    results = run_experiment(build_experiment(cfg, tmp_path / "run")).results
+    assert results.base.top1 == pytest.approx(93.39, abs=0.005)
+    assert round(results.base.macs / 1e6, 2) == 125.49
+    assert round(results.base.params / 1e6, 3) == 0.853
+    assert round(100 * (1 - results.final.macs / results.base.macs), 2) == 49.82
+    assert 10 < results.final.top1 < results.base.top1
 
 
 def test_compensation_reuses_the_scorers_cached_statistics_and_scores(tmp_path):
-    plain = run_experiment(experiment(tmp_path, "scorer=qsfm"))
-    compensated = run_experiment(experiment(tmp_path, "scorer=qsfm", "prune.compensate=lstsq"))
-    twin = run_experiment(experiment(tmp_path, "scorer=qsfm", "prune.compensate=twin"))
-    assert plain["cache"] == {"stats": "miss", "orders": "miss"}
+    plain = run_experiment(experiment(tmp_path, "scorer=qsfm", run="a"))
+    compensated = run_experiment(experiment(tmp_path, "scorer=qsfm", "recover=lstsq", run="b"))
+    twin = run_experiment(experiment(tmp_path, "scorer=qsfm", "recover=twin", run="c"))
+    assert plain.cache == {"stats": "miss", "orders": "miss"}
     # The moments are collected once (a miss), the SSIM statistics and the scores come from the cache.
-    assert compensated["cache"]["orders"] == "hit" and compensated["cache"]["stats"] == "miss"
-    assert twin["cache"] == {"stats": "hit", "orders": "hit"}
-    assert compensated["kept_channels"] == plain["kept_channels"]
+    assert compensated.cache["orders"] == "hit" and compensated.cache["stats"] == "miss"
+    assert twin.cache == {"stats": "hit", "orders": "hit"}
+    assert compensated.results.kept_channels == plain.results.kept_channels

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-GROUPS = ("model", "dataset", "scorer", "prune", "finetune", "experiment")
+GROUPS = ("model", "dataset", "scorer", "prune", "recover", "finetune", "experiment")
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 
 from qsfm_cli import scoring
+from qsfm_cli.app import config_dir
 from qsfm_cli.collect import chip as chip_module
 from qsfm_cli.collect.chip import channel_independence
 from qsfm_cli.collect.rank import map_ranks
@@ -266,13 +266,11 @@ def test_requests_and_options():
         StatRequest("foo")
 
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "scorer"
-
-
 @pytest.mark.parametrize("name", list_scorers())
 def test_every_scorer_has_a_config_listing_all_its_options(name):
-    # Inside the run's config, where `seed: ${seed}` (random) finds the run seed.
-    cfg = OmegaConf.create({"seed": 0, "scorer": OmegaConf.load(CONF / f"{name}.yaml")}).scorer
+    # The composed run config (the option extends its schema), where `seed: ${seed}` (random) finds the seed.
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[f"scorer={name}"]).scorer
     scorer = instantiate(cfg)
     assert scorer.name == name
     assert scorer.options() == get_scorer(name).options()

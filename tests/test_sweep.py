@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-import matplotlib.image
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -18,14 +16,11 @@ from hydra.utils import instantiate
 from qsfm_cli import report
 from qsfm_cli.app import config_dir
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+from .conftest import assert_png, qsfm_run
 
 
-def qsfm_run(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "qsfm_cli.app", "-m", "experiment=smoke", *overrides],
-                          cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+def sweep(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return qsfm_run("-m", "experiment=smoke", *overrides, cwd=cwd)
 
 
 def job_dirs(sweep: Path) -> dict[str, Path]:
@@ -37,23 +32,29 @@ def metrics_of(job: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def grid_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     """2x2 grid, sequential: scorer {qsfm, l1} x prune.threshold {unset, 0.5}.
 
     l1 has no threshold rule, so exactly one cell (l1, threshold 0.5) fails, with a clear error.
     """
     tmp = tmp_path_factory.mktemp("grid")
-    qsfm_run(tmp, "scorer=qsfm,l1", "prune.threshold=null,0.5",
-             f"hydra.sweep.dir={tmp / 'sweep'}", f"cache.dir={tmp / 'cache'}")
-    return tmp / "sweep"
+    proc = sweep(tmp, "scorer=qsfm,l1", "prune.threshold=null,0.5",
+                 f"hydra.sweep.dir={tmp / 'sweep'}", f"cache.dir={tmp / 'cache'}")
+    return tmp / "sweep", proc
+
+
+@pytest.fixture(scope="module")
+def grid(grid_run: tuple[Path, subprocess.CompletedProcess]) -> Path:
+    return grid_run[0]
 
 
 @pytest.fixture(scope="module")
 def parallel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A ratio sweep of QSFM through the joblib launcher, two jobs at once, on a fresh cache."""
     tmp = tmp_path_factory.mktemp("parallel")
-    proc = qsfm_run(tmp, "hydra/launcher=joblib_local", "scorer=qsfm", "prune.ratio=0.3,0.5",
-                    f"hydra.sweep.dir={tmp / 'sweep'}", f"cache.dir={tmp / 'cache'}")
+    proc = sweep(tmp, "hydra/launcher=joblib_local", "scorer=qsfm", "prune.ratio=0.3,0.5",
+                 f"hydra.sweep.dir={tmp / 'sweep'}", f"cache.dir={tmp / 'cache'}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp / "sweep", proc.stdout + proc.stderr
 
 
@@ -62,25 +63,30 @@ def test_grid_writes_one_run_dir_per_job_named_by_what_varied(grid: Path) -> Non
         f"experiment=smoke,prune.threshold={t},scorer={s}" for t in ("null", "0.5") for s in ("qsfm", "l1")}
 
 
-def test_failed_job_is_recorded_and_the_sweep_goes_on(grid: Path) -> None:
+def test_failed_job_is_recorded_and_the_sweep_goes_on(grid_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    grid, proc = grid_run
     failed = metrics_of(job_dirs(grid)["experiment=smoke,prune.threshold=0.5,scorer=l1"])
     assert failed["status"] == "failed"
     assert failed["error"].startswith("ValueError: prune.threshold needs a scorer with a threshold rule")
-    assert failed["config"]["prune"]["threshold"] == 0.5
+    assert failed["config"]["prune"]["threshold"] == 0.5 and failed["settings"]["prune"]["threshold"] == 0.5
+    # every job ran, then the sweep ended with one line naming the count and where to look
+    assert sum(metrics_of(job)["status"] == "ok" for job in job_dirs(grid).values()) == 3
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"qsfm-run: error: 1 of 4 jobs failed (see {grid}/experiment=smoke,prune.threshold=0.5,scorer=l1/"
+        f"metrics.json; qsfm-report {grid} lists them all)")
 
 
 def test_report_lists_three_runs_one_failure_and_valid_plots(grid: Path, tmp_path: Path) -> None:
     assert report.main([str(grid), "--out", str(tmp_path)]) == 0
     df = report.collect_runs([grid])
     ok, failed = report.ok_runs(df), report.failed_runs(df)
-    assert sorted(zip(ok["scorer"], ok["threshold"].fillna(-1))) == [("l1", -1), ("qsfm", -1), ("qsfm", 0.5)]
+    assert sorted(zip(ok["scorer"], ok["prune.threshold"].fillna(-1))) == [("l1", -1), ("qsfm", -1), ("qsfm", 0.5)]
     assert list(failed["scorer"]) == ["l1"] and "threshold rule" in failed.iloc[0]["error"]
     md = (tmp_path / "results.md").read_text()
-    assert "3 finished run(s), 1 failed." in md and "## Failed runs" in md
+    assert "3 finished run(s), 1 failed, 0 unfinished." in md and "## Failed runs" in md
     for name in ("pareto.png", "kept_channels.png"):
-        png = tmp_path / name
-        assert png.read_bytes()[:8] == PNG_SIGNATURE
-        assert matplotlib.image.imread(png).shape[2] in (3, 4)
+        assert_png(tmp_path / name)
 
 
 def test_jobs_differing_only_in_threshold_reuse_statistics_and_scores(grid: Path) -> None:

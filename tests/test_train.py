@@ -10,17 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
 from qsfm_cli import baseline as baseline_mod
+from qsfm_cli.app import config_dir
 from qsfm_cli.baseline import trained_baseline
 from qsfm_cli.data import ImageSet, load_dataset
 from qsfm_cli.loaders import DeviceLoader, TorchvisionLoader, make_loader
-from qsfm_cli.train import (STATE_FILE, NonFiniteLossError, TrainRecipe, evaluate_top1, lr_factor, train)
+from qsfm_cli.evaluate import accuracy
+from qsfm_cli.train import STATE_FILE, Execution, NonFiniteLossError, TrainRecipe, lr_factor, train
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "finetune"
-FAST = dict(batch_size=32, lr=0.05, amp="none")
+FAST = dict(batch_size=32, lr=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +81,7 @@ def test_loss_decreases_and_log_is_written(data, tmp_path):
     assert result.epochs_run == 5 and len(losses) == 5
     assert losses[-1] < losses[0] - 0.05
     assert result.test_top1 == result.history[-1]["test_top1"]
-    assert result.test_top1 == pytest.approx(evaluate_top1(model, test_set, device="cpu"))
+    assert result.test_top1 == pytest.approx(accuracy(model, test_set, device="cpu")[0])
     rows = list(csv.DictReader((tmp_path / "train_log.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4", "5"]
     assert list(rows[0]) == ["epoch", "lr", "loss", "train_top1", "test_top1", "seconds"]
@@ -170,12 +173,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("path", sorted(CONF.glob("*.yaml")), ids=lambda p: p.stem)
-def test_finetune_configs_compose_and_run_one_epoch(data, path):
-    cfg = OmegaConf.load(path)
-    recipe = TrainRecipe(**cfg)                      # as the app passes it: a DictConfig
-    assert recipe == TrainRecipe(**OmegaConf.to_container(cfg))
-    assert recipe == TrainRecipe.from_dict(OmegaConf.to_container(cfg))
+def finetune_option(name: str) -> TrainRecipe:
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        node = compose("config", overrides=[f"finetune={name}"]).finetune
+    return TrainRecipe.from_dict(OmegaConf.to_container(node))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONF.glob("*.yaml")))
+def test_finetune_configs_compose_and_run_one_epoch(data, name):
+    recipe = finetune_option(name)
     train_set, test_set = data[0].sample(64, 0), data[1]
     if recipe.epochs:
         recipe = replace(recipe, epochs=1)
@@ -185,33 +191,44 @@ def test_finetune_configs_compose_and_run_one_epoch(data, path):
 
 
 def test_protocol_configs_match_the_papers():
-    hrank = TrainRecipe(**OmegaConf.load(CONF / "hrank.yaml"))
+    hrank = finetune_option("hrank")
     assert (hrank.lr, hrank.schedule, hrank.weight_decay, hrank.batch_size) == (0.01, "step", 5e-4, 128)
     assert [s // 100 for s in hrank.milestone_steps(100)] == [50, 100]
-    chip = TrainRecipe(**OmegaConf.load(CONF / "chip.yaml"))
+    chip = finetune_option("chip")
     assert (chip.lr, chip.schedule, chip.warmup_epochs, chip.weight_decay, chip.batch_size) == \
            (0.01, "cosine", 5, 0.005, 256)
-    assert TrainRecipe(**OmegaConf.load(CONF / "none.yaml")).epochs == 0
+    assert finetune_option("none").epochs == 0 and finetune_option("cpu_short").epochs == 3
 
 
 # --- recipe and schedule ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad, message", [
     (dict(schedule="linear"), "unknown schedule 'linear'; accepted: step, cosine"),
-    (dict(amp="fp8"), "unknown amp 'fp8'; accepted: auto, bf16, fp16, none"),
-    (dict(data_path="disk"), "unknown data_path 'disk'; accepted: auto, device, torchvision"),
     (dict(milestones=[0.5, 2.5]), "milestone 2.5"),
     (dict(nesterov=True, momentum=0.0), "nesterov needs momentum > 0"),
     (dict(batch_size=0), "batch_size must be >= 1"),
+    (dict(lr=float("inf")), "lr must be a finite number, got inf"),
 ])
 def test_bad_recipe_values_are_named(bad, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         TrainRecipe(**bad)
 
 
+@pytest.mark.parametrize("bad, message", [
+    (dict(amp="fp8"), "unknown amp 'fp8'; accepted: auto, bf16, fp16, none"),
+    (dict(data_path="disk"), "unknown data_path 'disk'; accepted: auto, device, torchvision"),
+    (dict(num_workers=-1), "num_workers must be >= 0"),
+])
+def test_bad_execution_values_are_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        Execution(**bad)
+
+
 def test_unknown_recipe_key_is_named():
-    with pytest.raises(ValueError, match=r"unknown training option\(s\) \['lr_decay'\]; accepted: amp"):
+    with pytest.raises(ValueError, match=r"unknown training option\(s\) \['lr_decay'\]; accepted: batch_size"):
         TrainRecipe.from_dict({"lr_decay": 0.1})
+    with pytest.raises(ValueError, match=r"unknown execution option\(s\) \['epochs'\]; accepted: amp"):
+        Execution.from_dict({"epochs": 3})
 
 
 def test_schedules():
@@ -242,9 +259,11 @@ def test_trained_baseline_second_call_is_a_cache_hit(data, tmp_path, monkeypatch
 
     monkeypatch.setattr(baseline_mod, "train", no_training)
     caplog.clear()
+    # The execution changes the speed, not the weights: it is not part of the key.
     with caplog.at_level(logging.INFO, logger="qsfm_cli.baseline"):
         second = trained_baseline("resnet8", 10, train_set, test_set, recipe, seed=0, device="cpu",
-                                  cache_dir=tmp_path, model_kwargs=TINY, progress=False)
+                                  cache_dir=tmp_path, model_kwargs=TINY, progress=False,
+                                  execution=Execution(channels_last=False, eval_every=0))
     assert "cache hit" in caplog.text
     assert_same_weights(weights(first), weights(second))
 
@@ -257,8 +276,6 @@ def test_baseline_key_covers_data_recipe_and_seed(data):
     assert key != baseline_mod.baseline_key("resnet20", 10, other_images, recipe, seed=0)
     assert key != baseline_mod.baseline_key("resnet20", 10, train_set, replace(recipe, lr=0.1), seed=0)
     assert key != baseline_mod.baseline_key("resnet20", 10, train_set, recipe, seed=1)
-    # execution options do not change the weights' protocol
-    assert key == baseline_mod.baseline_key("resnet20", 10, train_set, replace(recipe, amp="none"), seed=0)
 
 
 # --- loaders ------------------------------------------------------------------------------------------
@@ -353,6 +370,7 @@ def test_make_loader_picks_and_rejects(data):
 
 
 def test_training_through_the_torchvision_path(data):
-    recipe = TrainRecipe(epochs=1, data_path="torchvision", num_workers=0, **FAST)
-    result = train(tiny_net(), *data, recipe, device="cpu", seed=0, progress=False)
+    recipe = TrainRecipe(epochs=1, **FAST)
+    result = train(tiny_net(), *data, recipe, device="cpu", seed=0, progress=False,
+                   execution=Execution(data_path="torchvision", num_workers=0))
     assert math.isfinite(result.history[0]["loss"]) and result.test_top1 is not None

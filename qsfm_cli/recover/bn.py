@@ -17,7 +17,7 @@ def recalibrate_bn(model: nn.Module, images: ImageSet, n: int, batch_size: int =
     cumulative average over all batches, no weight update. Leaves the model in eval mode."""
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     if n < 2:
-        raise ValueError(f"prune.bn_recalibration needs at least 2 images, got {n}")
+        raise ValueError(f"recover.bn_images needs at least 2 images, got {n}")
     sample = images.sample(n, seed)
     momenta = [bn.momentum for bn in norms]
     model.to(device).eval()

@@ -37,9 +37,9 @@ def compensate(model: nn.Module, channel_sets: list[ChannelSet], stats: dict[str
     Returns, per such set, "compensated" or "skipped: <why>" (for the log and ``metrics.json``).
     """
     if mode not in MODES:
-        raise ValueError(f"unknown prune.compensate {mode!r}; accepted: none, {', '.join(MODES)}")
+        raise ValueError(f"unknown compensation {mode!r}; accepted: {', '.join(MODES)}")
     if ridge < 0:
-        raise ValueError(f"prune.ridge must be >= 0 (0: plain least squares), got {ridge}")
+        raise ValueError(f"recover.ridge must be >= 0 (0: plain least squares), got {ridge}")
     status = {}
     for s in channel_sets:
         kept = sorted(keep.get(s.name, range(s.size)))
@@ -77,7 +77,7 @@ def _skip_reason(model: nn.Module, s: ChannelSet, st: LayerStats | None, mode: s
     if st is None or not {"mean", "gram"} <= st.values.keys():
         return "no channel moments (mean, gram) were collected for it"
     if mode == "twin" and (order is None or order.twins is None):
-        return "the scorer pairs no twins (only qsfm does); prune.compensate=lstsq works with any scorer"
+        return "the scorer pairs no twins (only qsfm does); recover=lstsq works with any scorer"
     for consumer, norm in _consumers_and_norms(s):
         if model.get_submodule(consumer).bias is None and not norm:
             return f"consumer {consumer} has neither a bias nor a BatchNorm after it to take the constant"
