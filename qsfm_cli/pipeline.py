@@ -373,6 +373,10 @@ def run_stages(exp: Experiment, ctx: RunContext) -> tuple[Results, nn.Module]:
     with ctx.stage("evaluate"):
         base = evaluate_stage(model, exp, ctx.cache)
         after_prune = evaluate_stage(pruned, exp, ctx.cache)
+    if exp.recovery.label == "none" and exp.finetune.epochs == 0:
+        log.warning("top-1 %.2f -> %.2f is the criterion's raw output: nothing repaired the pruned network "
+                    "(recover=sequential|blockwise|lstsq repairs it without labels, finetune=short trains it)",
+                    base.top1, after_prune.top1)
 
     final = after_prune
     with ctx.stage("finetune"):
