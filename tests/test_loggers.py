@@ -73,9 +73,10 @@ def test_steps_continue_when_not_given(tmp_path):
     logger = CSVLogger(save_dir=tmp_path)
     logger.start("run", {})
     logger.log_metrics({"loss": 1.0}, step=5)
-    logger.log_metrics({"loss": 0.5})
-    logger.log_metrics({"loss": 0.25})
-    assert [r["step"] for r in csv.DictReader(open(tmp_path / "csv" / "metrics.csv"))] == ["5", "6", "7"]
+    logger.log_metrics({"loss": 0.5, "test_top1": None})       # not measured at this step
+    logger.log_metrics({"loss": 0.25, "test_top1": 80.0})
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    assert [(r["step"], r["test_top1"]) for r in rows] == [("5", ""), ("6", ""), ("7", "80.0")]
 
 
 def test_a_failing_block_closes_every_logger_as_failed(tmp_path):

@@ -37,11 +37,12 @@ class Logger(ABC):
         self.run_name = run_name
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Scalars at ``step`` (None: one past the previous call's step)."""
+        """Scalars at ``step`` (None: one past the previous call's step); a None value (not measured at
+        this step, like a test accuracy between evaluations) is left out."""
         self._require_started()
         step = self._steps if step is None else int(step)
         self._steps = step + 1
-        self._log_metrics({str(k): float(v) for k, v in metrics.items()}, step)
+        self._log_metrics({str(k): float(v) for k, v in metrics.items() if v is not None}, step)
 
     def log_record(self, record: Mapping[str, Any]) -> None:
         """The run's final record (``metrics.json``): every numeric field, nested keys joined by ``/``."""
