@@ -2,6 +2,7 @@
 
     python scripts/bench_deploy.py                               # every case, rounding none / 8 / 16
     python scripts/bench_deploy.py --cases resnet56:0.5 --round 0 8 --repeats 10 --json bench.json
+    python scripts/bench_deploy.py --cases resnet56:0.7 --scope stage     # residual streams cut too
 
 Untrained models in eval mode on random 32x32 inputs (speed does not depend on the weights): CIFAR
 ResNet-56 at ratio 0.3 / 0.5 / 0.7, VGG-16-BN and MobileNetV2 at 0.5, each default channel set cut by that
@@ -9,9 +10,10 @@ ratio in ascending L1 norm of its filters. With ``--round M`` each set's kept co
 nearest multiple of M (at least M, at most the set's size; a set of at most M channels stays as cut):
 vectorized kernels work in blocks of 8 or 16 channels, so a ragged width pays for a full block. A
 rounding that keeps the same channels as an earlier one is listed, not measured again. Each base/pruned
-pair is timed in alternation (``qsfm_cli.latency.measure_pair``) in eager PyTorch with 1 thread and with
-all threads, and in ONNX Runtime's CPU provider with all threads, at batch 1 and 64. ``(x)?`` marks an untrusted speed-up (a spread
-above the limit); the last column lists the runtimes whose batch-64 speed-up reaches 0.8 of the MACs factor.
+pair is timed in alternation (``qsfm_cli.latency.measure_pair``) in eager PyTorch and in ONNX Runtime's
+CPU provider, each with 1 thread and with all threads, at batch 1 and 64. ``(x)?`` marks an untrusted
+speed-up (a spread above the limit); the last column lists the runtimes whose batch-64 speed-up reaches
+0.8 of the MACs factor.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from qsfm_cli.latency import MAX_SPREAD, PairLatency, measure_pair
 from qsfm_cli.models import create_model
 from qsfm_cli.outputs import write_json
 from qsfm_cli.plan import keep_from_counts, removed_count
-from qsfm_cli.pruning import apply_keep, channel_sets
+from qsfm_cli.pruning import SCOPES, apply_keep, channel_sets
 from qsfm_cli.scoring import get_scorer
 
 CASES = ["resnet56:0.3", "resnet56:0.5", "resnet56:0.7", "vgg16_bn:0.5", "mobilenetv2:0.5"]
@@ -43,8 +45,8 @@ def rounded(kept: int, size: int, multiple: int) -> int:
     return min(size, max(multiple, multiple * math.floor(kept / multiple + 0.5)))
 
 
-def l1_keep(model: nn.Module, ratio: float, multiple: int) -> dict[str, list[int]]:
-    sets = channel_sets(model, torch.zeros(1, 3, 32, 32))
+def l1_keep(model: nn.Module, ratio: float, multiple: int, scope: str) -> dict[str, list[int]]:
+    sets = channel_sets(model, torch.zeros(1, 3, 32, 32), scope)
     orders = get_scorer("l1").score(model, sets, {})
     counts = {s.name: s.size - rounded(s.size - removed_count(ratio, s.size), s.size, multiple) for s in sets}
     return keep_from_counts(orders, sets, counts)
@@ -52,8 +54,8 @@ def l1_keep(model: nn.Module, ratio: float, multiple: int) -> dict[str, list[int
 
 def runtimes(threads: int) -> list[tuple[str, str, int | None]]:
     """(column label, runtime, threads) of each measured setting."""
-    return [("torch 1T", "torch", 1), (f"torch {threads}T", "torch", threads), (f"ORT {threads}T", "onnxruntime",
-                                                                               threads)]
+    return [(f"{label} {n}T", runtime, n) for label, runtime in (("torch", "torch"), ("ORT", "onnxruntime"))
+            for n in dict.fromkeys((1, threads))]
 
 
 def measure(model: nn.Module, pruned: nn.Module, args: argparse.Namespace) -> dict[str, list[PairLatency]]:
@@ -70,6 +72,8 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=CASES, help="model:ratio pairs (default: %(default)s)")
     parser.add_argument("--round", nargs="+", type=int, default=[0, 8, 16], dest="multiples",
                         help="round kept counts to these multiples; 0 = no rounding (default: 0 8 16)")
+    parser.add_argument("--scope", default="default", choices=SCOPES,
+                        help="channel sets cut (prune.scope; 'stage' adds the residual streams)")
     parser.add_argument("--repeats", type=int, default=15, help="timed passes per model at batch 1")
     parser.add_argument("--repeats-b64", type=int, default=7, help="timed passes per model at batch 64")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
@@ -87,8 +91,8 @@ def main() -> None:
         parser.error(f"--round takes multiples >= 0; got {args.multiples}")
 
     labels = [label for label, _, _ in runtimes(args.threads)]
-    print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, repeats {args.repeats} (b1) / {args.repeats_b64} "
-          f"(b64), (x)? = untrusted (IQR / median above {MAX_SPREAD:g}); speed-up at b1 / b64\n")
+    print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, scope {args.scope}, repeats {args.repeats} (b1) / "
+          f"{args.repeats_b64} (b64), (x)? = untrusted (IQR / median above {MAX_SPREAD:g}); speed-up at b1 / b64\n")
     print("| model | ratio | round | MACs (M) | MACs x | " + " | ".join(labels) + f" | b64 >= {GOAL} MACs x |")
     print("|---|---|---|---|---|" + "---|" * len(labels) + "---|")
     records = []
@@ -98,7 +102,7 @@ def main() -> None:
         base_macs = count_macs(model)
         seen: dict[str, int] = {}
         for multiple in args.multiples:
-            keep = l1_keep(model, ratio, multiple)
+            keep = l1_keep(model, ratio, multiple, args.scope)
             same = seen.setdefault(repr(keep), multiple)
             if same != multiple:
                 print(f"| {name} | {ratio} | {multiple or '-'} | same channels as round {same or '-'} |", flush=True)
@@ -112,8 +116,9 @@ def main() -> None:
             cells = [f"{b1.speedup_text()} / {b64.speedup_text()}" for b1, b64 in found.values()]
             print(f"| {name} | {ratio} | {multiple or '-'} | {macs / 1e6:.1f} | {factor:.2f} | " + " | ".join(cells)
                   + f" | {', '.join(reached) or 'none'} |", flush=True)
-            records.append({"model": name, "ratio": ratio, "round": multiple, "base_macs": base_macs,
-                            "macs": macs, "macs_factor": factor, "seconds": time.perf_counter() - started,
+            records.append({"model": name, "ratio": ratio, "scope": args.scope, "round": multiple,
+                            "base_macs": base_macs, "macs": macs, "macs_factor": factor,
+                            "seconds": time.perf_counter() - started,
                             "latency": {label: [p.to_dict() for p in pairs] for label, pairs in found.items()}})
             if args.json:
                 write_json(args.json, records)
