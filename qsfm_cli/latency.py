@@ -21,7 +21,7 @@ from torch import nn
 
 RUNTIMES = ("torch", "onnxruntime")
 MAX_SPREAD = 0.2
-MIN_REPEATS = 5          # quartiles of fewer timings say nothing about the spread
+MIN_REPEATS = 3          # the fewest timings whose quartiles still say something about the spread
 
 
 @dataclass(frozen=True)

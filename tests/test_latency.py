@@ -80,7 +80,7 @@ def test_measure_pair_reports_every_batch(pair, runtime):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"runtime": "tensorrt"}, "latency runtime 'tensorrt'; accepted: torch, onnxruntime"),
-    ({"repeats": 3}, "latency repeats must be >= 5; got 3"),
+    ({"repeats": 2}, "latency repeats must be >= 3; got 2"),
     ({"batches": [0]}, r"latency batches must be integers >= 1; got \[0\]"),
     ({"threads": 0}, "latency threads must be >= 1 or None; got 0"),
 ])
