@@ -2,10 +2,7 @@
 the held-out loss the planner is given to measure pruned copies."""
 from __future__ import annotations
 
-import itertools
-import statistics
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -14,6 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .data import ImageSet
+from .latency import RUNTIMES, PairLatency, measure_pair, model_latency
 from .loaders import input_shape, make_loader
 
 if TYPE_CHECKING:
@@ -132,38 +130,6 @@ def heldout_loss(train_set: ImageSet, n: int, *, skip: int, seed: int, batch_siz
     return loss_of
 
 
-@torch.no_grad()
-def forward_ms(model: nn.Module, x: torch.Tensor) -> float:
-    """Wall time of one forward pass in milliseconds (CUDA work included: the device is synchronized)."""
-    sync = x.device.type == "cuda"
-    if sync:
-        torch.cuda.synchronize(x.device)
-    start = time.perf_counter()
-    model(x)
-    if sync:
-        torch.cuda.synchronize(x.device)
-    return (time.perf_counter() - start) * 1e3
-
-
-def latency_ms(model: nn.Module, batch_size: int, *, device: str | torch.device = "cpu",
-               input_hw: tuple[int, int] = (32, 32), repeats: int = 20, warmup: int = 3,
-               min_warmup_s: float = 0.5) -> float:
-    """Median wall time of one forward pass of a ``batch_size`` batch, in milliseconds.
-
-    Warm-up runs at least ``warmup`` passes and ``min_warmup_s`` seconds: the first passes of a new
-    input shape set up kernels and thread pools, which would otherwise inflate whichever model is
-    timed first.
-    """
-    model.eval()
-    x = torch.randn(batch_size, 3, *input_hw, device=device)
-    warm_start = time.perf_counter()
-    for i in itertools.count():
-        forward_ms(model, x)
-        if i + 1 >= warmup and time.perf_counter() - warm_start >= min_warmup_s:
-            break
-    return statistics.median(forward_ms(model, x) for _ in range(repeats))
-
-
 def evaluate(model: nn.Module, test: ImageSet | FolderSet, *, device: str | torch.device = "cpu",
              latency_batches: tuple[int, ...] = (1, 64), latency_repeats: int = 20,
              batch_size: int = 500, known_accuracy: tuple[float, float] | None = None) -> Metrics:
@@ -171,6 +137,34 @@ def evaluate(model: nn.Module, test: ImageSet | FolderSet, *, device: str | torc
     measured on it), MACs/params at its image size, latency per batch size."""
     hw = input_shape(test)[1:]
     top1, top5 = known_accuracy or accuracy(model, test, device=device, batch_size=batch_size)
-    latency = {f"b{b}": latency_ms(model, b, device=device, input_hw=hw, repeats=latency_repeats)
+    latency = {f"b{b}": model_latency(model, b, device=device, input_hw=hw, repeats=latency_repeats)
                for b in latency_batches}
     return Metrics(top1, top5, count_macs(model, (1, 3, *hw)), count_params(model), latency)
+
+
+def evaluate_pair(base: nn.Module, pruned: nn.Module, test: ImageSet | FolderSet, *, device: str | torch.device = "cpu",
+                  latency_batches: tuple[int, ...] = (1, 64), latency_repeats: int = 20,
+                  runtimes: tuple[str, ...] = ("torch",), latency_threads: int | None = None,
+                  batch_size: int = 500,
+                  known_accuracy: tuple[tuple[float, float] | None, tuple[float, float] | None] = (None, None),
+                  ) -> tuple[Metrics, Metrics, list[PairLatency]]:
+    """``evaluate`` of a base model and its pruned copy, their latencies timed together
+    (``latency.measure_pair``) for each runtime in ``runtimes``.
+
+    Each model's ``latency_ms`` holds its eager PyTorch medians; the returned pairs hold every runtime's
+    medians, spreads, speed-ups and ``trusted`` flags.
+    """
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown or not runtimes:
+        raise ValueError(f"latency runtimes {list(runtimes)}; accepted: one or more of {', '.join(RUNTIMES)}")
+    hw = input_shape(test)[1:]
+    pairs = [pair for runtime in runtimes
+             for pair in measure_pair(base, pruned, latency_batches, runtime=runtime, device=device, input_hw=hw,
+                                      repeats=latency_repeats, threads=latency_threads)]
+    eager = [p for p in pairs if p.runtime == "torch"]
+    metrics = [evaluate(m, test, device=device, latency_batches=(), batch_size=batch_size, known_accuracy=acc)
+               for m, acc in zip((base, pruned), known_accuracy)]
+    base_metrics, pruned_metrics = (
+        replace(m, latency_ms={f"b{p.batch}": getattr(p, f"{side}_ms") for p in eager})
+        for m, side in zip(metrics, ("base", "pruned")))
+    return base_metrics, pruned_metrics, pairs

@@ -8,19 +8,20 @@ Channels are removed from each model's default sets (ResNet block-internal, Mobi
 ascending L1 norm of their filters: the architecture's speed is measured, not a scorer. Latency is the
 median of ``--repeats`` timed forward passes (after warm-up) of an untrained model in eval mode on random
 32x32 inputs, batch 1 and batch 64; the unpruned and pruned models are timed alternately, round after
-round, so that a busy machine slows both alike.
+round, so that a busy machine slows both alike (``qsfm_cli.latency.measure_pair``). A speed-up printed
+as ``(x)?`` is untrusted: one model's timings spread more than the limit (IQR / median).
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from qsfm_cli.evaluate import count_macs, count_params, forward_ms
+from qsfm_cli.evaluate import count_macs, count_params
+from qsfm_cli.latency import MAX_SPREAD, measure_pair
 from qsfm_cli.models import create_model
 from qsfm_cli.plan import PlanSpec, make_keep
 from qsfm_cli.pruning import apply_keep, channel_sets
@@ -48,24 +49,12 @@ def pruned_copy(model: nn.Module, x: torch.Tensor, plan: PlanSpec) -> nn.Module:
     return apply_keep(model, keep, x).eval()
 
 
-def paired_latency(models: list[nn.Module], batch: int, device: torch.device, repeats: int,
-                   warmup: int = 3) -> list[float]:
-    """Median milliseconds per forward pass of each model, timed in alternation."""
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    times: list[list[float]] = [[] for _ in models]
-    for r in range(warmup + repeats):
-        for i, model in enumerate(models):
-            ms = forward_ms(model, x)
-            if r >= warmup:
-                times[i].append(ms)
-    return [statistics.median(t) for t in times]
-
-
 def bench(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
-    print(f"device {device}, torch threads {torch.get_num_threads()}, median of {args.repeats} repeats")
+    print(f"device {device}, torch threads {torch.get_num_threads()}, median of {args.repeats} repeats, "
+          f"(x)? = untrusted (IQR / median above {MAX_SPREAD:g})")
     print(f"{'model':<12} {'ratio':>5} {'MACs M':>15} {'MACs x':>7} {'params M':>13} "
-          f"{'b1 ms':>15} {'b1 x':>6} {'b64 ms':>17} {'b64 x':>6}")
+          f"{'b1 ms':>15} {'b1 x':>7} {'b64 ms':>17} {'b64 x':>7}")
     x = torch.zeros(1, 3, 32, 32)
     for name, ratio in CASES:
         torch.manual_seed(0)
@@ -74,11 +63,11 @@ def bench(args: argparse.Namespace) -> None:
         macs = count_macs(model), count_macs(pruned)
         params = count_params(model), count_params(pruned)
         model, pruned = model.to(device), pruned.to(device)
-        b1 = paired_latency([model, pruned], 1, device, args.repeats)
-        b64 = paired_latency([model, pruned], 64, device, max(5, args.repeats // 3))
+        [b1] = measure_pair(model, pruned, [1], device=device, repeats=args.repeats)
+        [b64] = measure_pair(model, pruned, [64], device=device, repeats=max(5, args.repeats // 3))
         print(f"{name:<12} {ratio:>5} {macs[0] / 1e6:>7.2f}>{macs[1] / 1e6:<7.2f} {macs[0] / macs[1]:>7.2f} "
-              f"{params[0] / 1e6:>6.3f}>{params[1] / 1e6:<6.3f} {b1[0]:>7.2f}>{b1[1]:<7.2f} {b1[0] / b1[1]:>6.2f} "
-              f"{b64[0]:>8.2f}>{b64[1]:<8.2f} {b64[0] / b64[1]:>6.2f}")
+              f"{params[0] / 1e6:>6.3f}>{params[1] / 1e6:<6.3f} {b1.base_ms:>7.2f}>{b1.pruned_ms:<7.2f} "
+              f"{b1.speedup_text():>7} {b64.base_ms:>8.2f}>{b64.pruned_ms:<8.2f} {b64.speedup_text():>7}")
 
 
 def rows() -> None:

@@ -1,0 +1,174 @@
+"""Deploy stage: a pruned model as an ONNX file, checked against PyTorch in ONNX Runtime.
+
+``qsfm-export RUN_DIR`` does both for a finished run: it rebuilds ``pruned_model.pt`` (``load_pruned``),
+writes ``pruned_model.onnx`` and records the check in ``pruned_model.check.json`` beside it.
+
+The graph comes from torch's ``torch.export``-based exporter (the TorchScript one is deprecated); the
+batch axis stays symbolic, so one file serves every batch size, while channels and image size are fixed.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .outputs import PRUNED_FILE, atomic_write, load_pruned, write_json
+
+OPSET = 20                     # ONNX Runtime >= 1.17 runs every op the exporter emits at this opset
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+TOLERANCE = 1e-4               # largest |ONNX - PyTorch| logit over the largest |PyTorch| logit
+ONNX_FILE = "pruned_model.onnx"
+
+
+def _checked_images(images: torch.Tensor, what: str) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"{what} must be a float tensor [N, C, H, W]; got {shape}")
+    if images.shape[0] < 1:
+        raise ValueError(f"{what} holds no image; got shape {tuple(images.shape)}")
+    return images.detach().cpu().float()
+
+
+def onnx_model(model: nn.Module, example_input: torch.Tensor):
+    """The ``onnx.ModelProto`` of ``model`` in eval mode, traced at ``example_input``'s shape with a
+    symbolic batch axis; ``model`` itself is left as it was (device, mode)."""
+    x = _checked_images(example_input, "example_input")
+    if x.shape[0] == 1:
+        # torch.export treats a dimension of size 1 as a constant: a batch of one would be baked into
+        # the graph's reshapes, and the file would refuse any other batch size.
+        x = x.expand(2, *x.shape[1:]).contiguous()
+    frozen = copy.deepcopy(model).cpu().eval()
+    program = torch.onnx.export(
+        frozen, (x,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME], dynamic_shapes=({0: "batch"},), verbose=False)
+    return program.model_proto
+
+
+def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor) -> Path:
+    """Write ``model`` as an ONNX file at ``path`` (atomically) and return the path."""
+    path = Path(path)
+    data = onnx_model(model, example_input).SerializeToString()
+    atomic_write(path, lambda f: f.write(data))
+    return path
+
+
+def onnx_session(model_or_path, *, threads: int | None = None):
+    """An ONNX Runtime CPU session over an ONNX file or serialized model.
+
+    ``threads`` sets the intra-op pool (``None``: ONNX Runtime's default, one per physical core). Idle
+    workers do not spin: spinning threads of one session would steal cores from the next one timed.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    source = str(model_or_path) if isinstance(model_or_path, Path) else model_or_path
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def check_onnx(model: nn.Module, path: str | Path, images: torch.Tensor, *,
+               tolerance: float = TOLERANCE) -> dict[str, Any]:
+    """Run ``images`` through the ONNX file in ONNX Runtime (CPU) and through ``model`` (PyTorch, CPU).
+
+    Returns the largest absolute difference of the logits, the relative error (that difference over the
+    largest absolute PyTorch logit), the share of images whose top-1 class agrees, and ``ok``: relative
+    error at most ``tolerance``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no ONNX file at {str(path)!r}")
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be > 0; got {tolerance!r}")
+    x = _checked_images(images, "images")
+    session = onnx_session(path)
+    expected = [d if isinstance(d, int) else None for d in session.get_inputs()[0].shape[1:]]
+    if any(e is not None and e != got for e, got in zip(expected, x.shape[1:])):
+        raise ValueError(f"images of shape {tuple(x.shape)} do not fit the ONNX input [N, "
+                         f"{', '.join(map(str, expected))}]")
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    reference = copy.deepcopy(model).cpu().eval()(x)
+    diff = (got - reference).abs().max().item()
+    scale = reference.abs().max().item()
+    rel = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+    return {
+        "onnx_file": str(path),
+        "images": int(x.shape[0]),
+        "max_abs_diff": diff,
+        "rel_error": rel,
+        "tolerance": tolerance,
+        "top1_agreement": (got.argmax(1) == reference.argmax(1)).float().mean().item(),
+        "ok": rel <= tolerance,
+    }
+
+
+# --------------------------------------------------------------------------------------------- command
+
+def check_path(onnx_path: Path) -> Path:
+    """Where ``qsfm-export`` records the check of ``onnx_path``: ``<stem>.check.json`` beside it."""
+    return onnx_path.with_name(f"{onnx_path.stem}.check.json")
+
+
+def _run_image_size(run_dir: Path) -> int | None:
+    """The run's ``dataset.size`` from its Hydra config, when the dataset has one."""
+    import yaml
+
+    config = run_dir / ".hydra" / "config.yaml"
+    if not config.is_file():
+        return None
+    size = ((yaml.safe_load(config.read_text()) or {}).get("dataset") or {}).get("size")
+    return int(size) if size else None
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, *, image_size: int | None = None,
+               num_images: int = 16, seed: int = 0) -> dict[str, Any]:
+    """Export a finished run's pruned model and check it on ``num_images`` random images of the run's
+    size (``image_size``, else its dataset's size, else 32); the check is also written beside the file."""
+    run_dir = Path(run_dir)
+    weights = run_dir / PRUNED_FILE
+    if not weights.is_file():
+        raise ValueError(f"{str(run_dir)!r} holds no {PRUNED_FILE} (was the run made with save_model=false?)")
+    if num_images < 1:
+        raise ValueError(f"--images must be >= 1; got {num_images}")
+    size = image_size if image_size is not None else (_run_image_size(run_dir) or 32)
+    if size < 1:
+        raise ValueError(f"--size must be >= 1; got {size}")
+    out = Path(out) if out is not None else run_dir / ONNX_FILE
+    model = load_pruned(weights)
+    images = torch.randn(num_images, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    export_onnx(model, out, images[:1])
+    check = check_onnx(model, out, images)
+    write_json(check_path(out), check)
+    return check
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="qsfm-export", description="Export a finished run's pruned model "
+                                     "to ONNX and check it against PyTorch in ONNX Runtime.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help=f"a run directory holding {PRUNED_FILE}")
+    parser.add_argument("--out", metavar="FILE", help=f"the ONNX file (default: RUN_DIR/{ONNX_FILE})")
+    parser.add_argument("--size", type=int, help="input height = width (default: the run's dataset size, "
+                                                 "else 32)")
+    parser.add_argument("--images", type=int, default=16, help="random images of the check (default 16)")
+    args = parser.parse_args(argv)
+    try:
+        check = export_run(args.run_dir, args.out, image_size=args.size, num_images=args.images)
+    except ValueError as err:
+        parser.error(str(err))
+    verdict = "ok" if check["ok"] else f"FAILED (tolerance {check['tolerance']:g})"
+    print(f"{check['onnx_file']}: ONNX Runtime vs PyTorch on {check['images']} images: max |diff| "
+          f"{check['max_abs_diff']:.3g}, relative {check['rel_error']:.3g}, top-1 agreement "
+          f"{check['top1_agreement']:.0%} -> {verdict}")
+    if not check["ok"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

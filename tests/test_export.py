@@ -1,0 +1,93 @@
+"""A pruned model of every family exports to ONNX with a free batch axis and computes, in ONNX Runtime, what
+PyTorch computes; the check notices a model that does not match its file."""
+import json
+
+import onnx
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from qsfm_cli.export import (INPUT_NAME, ONNX_FILE, TOLERANCE, check_onnx, check_path, export_onnx, main)
+from qsfm_cli.models import create_model
+from qsfm_cli.outputs import PRUNED_FILE, save_pruned
+from qsfm_cli.pruning import apply_keep, channel_sets
+
+
+def pruned(name: str, seed: int = 0) -> nn.Module:
+    """``name`` with random BatchNorm statistics (so BN folding is exercised), every other channel of
+    each default set removed."""
+    torch.manual_seed(seed)
+    model = create_model(name).eval()
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    x = torch.zeros(1, 3, 32, 32)
+    keep = {s.name: list(range(1, s.size, 2)) for s in channel_sets(model, x)}
+    small = apply_keep(model, keep, x).eval()
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    return small
+
+
+def images(n: int, seed: int = 1, size: int = 32) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg16_bn", "mobilenetv2", "tv_resnet18"])
+def test_pruned_model_exports_and_matches_pytorch(name, tmp_path):
+    model = pruned(name)
+    path = export_onnx(model, tmp_path / f"{name}.onnx", images(1))
+    assert path.is_file() and not list(tmp_path.glob(".*.tmp"))
+    batch_dim = onnx.load(path).graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value      # symbolic, not the example's batch of 1
+
+    check = check_onnx(model, path, images(3))                   # another batch size than exported
+    assert check["ok"], check
+    assert check["images"] == 3
+    assert check["rel_error"] <= TOLERANCE and check["top1_agreement"] == 1.0
+
+    # The same file against a model whose weights moved: the check must fail.
+    other = pruned(name)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    assert not check_onnx(other, path, images(3))["ok"]
+
+
+def test_export_keeps_the_model_and_rejects_bad_inputs(tmp_path):
+    model = pruned("resnet8").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = export_onnx(model, tmp_path / "m.onnx", images(1))
+    assert model.training                                          # exported in eval mode, on a copy
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [i.name for i in onnx.load(path).graph.input] == [INPUT_NAME]
+
+    with pytest.raises(ValueError, match="example_input must be a float tensor"):
+        export_onnx(model, tmp_path / "bad.onnx", torch.zeros(3, 32, 32))
+    with pytest.raises(ValueError, match="no ONNX file"):
+        check_onnx(model, tmp_path / "missing.onnx", images(1))
+    with pytest.raises(ValueError, match=r"do not fit the ONNX input \[N, 3, 32, 32\]"):
+        check_onnx(model, path, images(1, size=16))
+    with pytest.raises(ValueError, match="tolerance must be > 0"):
+        check_onnx(model, path, images(1), tolerance=0)
+
+
+def test_export_command_writes_the_file_and_its_check(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    save_pruned(run_dir / PRUNED_FILE, pruned("resnet8"))
+    out = tmp_path / "elsewhere" / "small.onnx"
+    main([str(run_dir), "--out", str(out), "--images", "4"])
+    recorded = json.loads((tmp_path / "elsewhere" / "small.check.json").read_text())
+    assert out.is_file() and recorded["ok"] and recorded["images"] == 4
+    assert recorded["onnx_file"] == str(out)
+    assert "-> ok" in capsys.readouterr().out
+    assert check_path(run_dir / ONNX_FILE) == run_dir / "pruned_model.check.json"   # the default place
+
+
+def test_export_command_rejects_a_run_without_a_model(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"holds no {PRUNED_FILE}" in capsys.readouterr().err
