@@ -64,8 +64,8 @@ class EvalSpec:
         object.__setattr__(self, "latency_batches", tuple(self.latency_batches))
         if self.batch_size < 1:
             raise ValueError(f"eval.batch_size={self.batch_size}; must be >= 1")
-        if self.latency_repeats < 1:
-            raise ValueError(f"eval.latency_repeats={self.latency_repeats}; must be >= 1")
+        if self.latency_repeats < 3:   # a median and its spread need three timings
+            raise ValueError(f"eval.latency_repeats={self.latency_repeats}; must be >= 3")
         if any(b < 1 for b in self.latency_batches):
             raise ValueError(f"eval.latency_batches={list(self.latency_batches)}; every batch size must be >= 1 "
                              f"(an empty list measures no latency)")

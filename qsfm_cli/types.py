@@ -1,4 +1,4 @@
-"""The few plain types that flow between the pipeline's stages (see README, "Stages")."""
+"""The few plain types that flow between the pipeline's stages (README.md, "The stages")."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -30,7 +30,7 @@ class Step:
 def steps(dry: bool) -> list[Step]:
     py = sys.executable
     device = "cpu" if dry else "cuda"
-    train = ["--model", "resnet20", "--batch", "16", "--steps", "2", "--warmup", "1", "--images", "64",
+    train = ["--model", "resnet8", "--batch", "16", "--steps", "2", "--warmup", "1", "--images", "64",
              "--workers", "1"] if dry else ["--model", "resnet56", "--batch", "256", "--steps", "60", "--warmup", "10"]
     collect = ["--model", "resnet20", "--num-images", "16", "--batch-size", "8", "--repeats", "1"] if dry else \
         ["--model", "resnet56", "--num-images", "512", "--batch-size", "128", "--repeats", "3"]

@@ -3,7 +3,7 @@
 #   bash scripts/paper_rows.sh DATA_ROOT RESNET56_CHECKPOINT RESNET110_CHECKPOINT OUT_DIR [extra overrides...]
 # e.g. bash scripts/paper_rows.sh ~/data r56.th r110.th outputs/paper_rows finetune=none
 # The HRank/CHIP rows fine-tune as their papers do (a GPU job); add finetune=none to see the pruned
-# networks' size and accuracy before fine-tuning, as the README's table does on a CPU. The CHIP ResNet-110
+# networks' size and accuracy before fine-tuning, as docs/results.md's table does on a CPU. The CHIP ResNet-110
 # row is skipped when RESNET110_CHECKPOINT is not a file.
 set -euo pipefail
 usage="usage: paper_rows.sh DATA_ROOT RESNET56_CHECKPOINT RESNET110_CHECKPOINT OUT_DIR [overrides...]"

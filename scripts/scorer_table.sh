@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the README's ResNet-56 scorer table (CIFAR-10 test set, no fine-tuning) on a local CIFAR-10 copy.
+# Reproduce docs/results.md's ResNet-56 scorer table (CIFAR-10 test set, no fine-tuning) on a local CIFAR-10 copy.
 #   bash scripts/scorer_table.sh DATA_ROOT CHECKPOINT [OUT_DIR]
 # DATA_ROOT holds cifar-10-batches-py/; CHECKPOINT is resnet56-4bfd9763.th of pytorch_resnet_cifar10.
 set -euo pipefail

@@ -20,7 +20,7 @@ from qsfm_cli.models import create_model
 from qsfm_cli.pruning import apply_keep, channel_sets
 from qsfm_cli.recover import get_recovery
 from qsfm_cli.scoring import get_scorer
-from qsfm_cli.train import STATE_FILE, TrainRecipe, train
+from qsfm_cli.train import STATE_FILE, Execution, TrainRecipe, train
 
 DEVICE = os.environ.get("QSFM_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
@@ -73,8 +73,9 @@ def test_pruning_and_compensation_on_the_device(data):
 def test_bf16_autocast_training_step_lowers_the_loss(data):
     train_set, test_set = data
     model = resnet()
-    recipe = TrainRecipe(epochs=3, batch_size=32, lr=0.05, amp="bf16", deterministic=False)
-    result = train(model, train_set, test_set, recipe, device=DEVICE, seed=0, progress=False)
+    recipe = TrainRecipe(epochs=3, batch_size=32, lr=0.05)
+    result = train(model, train_set, test_set, recipe, device=DEVICE, seed=0, progress=False,
+                   execution=Execution(amp="bf16", deterministic=False))
     assert result.history[-1]["loss"] < result.history[0]["loss"]
 
 
@@ -95,16 +96,18 @@ class _StopAt(nn.Module):
 
 def test_interrupted_deterministic_finetune_resumes_bit_identical(data, tmp_path):
     train_set, test_set = data                       # 128 images / batch 32 = 4 steps per epoch
-    recipe = TrainRecipe(epochs=2, batch_size=32, lr=0.05, amp="bf16", deterministic=True)
+    recipe = TrainRecipe(epochs=2, batch_size=32, lr=0.05)
+    execution = Execution(amp="bf16", deterministic=True)
     reference = _StopAt(None)
-    train(reference, train_set, test_set, recipe, device=DEVICE, seed=1, run_dir=tmp_path / "a", progress=False)
+    train(reference, train_set, test_set, recipe, device=DEVICE, seed=1, execution=execution,
+          run_dir=tmp_path / "a", progress=False)
     with pytest.raises(KeyboardInterrupt):
-        train(_StopAt(6), train_set, test_set, recipe, device=DEVICE, seed=1, run_dir=tmp_path / "b",
-              progress=False)
+        train(_StopAt(6), train_set, test_set, recipe, device=DEVICE, seed=1, execution=execution,
+              run_dir=tmp_path / "b", progress=False)
     assert (tmp_path / "b" / STATE_FILE).is_file()
     resumed = _StopAt(None)
-    train(resumed, train_set, test_set, recipe, device=DEVICE, seed=1, run_dir=tmp_path / "b", resume=True,
-          progress=False)
+    train(resumed, train_set, test_set, recipe, device=DEVICE, seed=1, execution=execution,
+          run_dir=tmp_path / "b", resume=True, progress=False)
     for key, value in reference.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
 

@@ -1,4 +1,4 @@
-"""similarity_matrix against a slow, independent float64 implementation of the README's definitions."""
+"""similarity_matrix against a slow, independent float64 implementation of docs/method.md's definitions."""
 from __future__ import annotations
 
 import math

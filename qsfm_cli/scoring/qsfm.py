@@ -1,4 +1,4 @@
-"""QSFM: greedy removal of the most redundant channel of the most similar pair (see README "Definitions")."""
+"""QSFM: greedy removal of the most redundant channel of the most similar pair (docs/method.md)."""
 from __future__ import annotations
 
 import math

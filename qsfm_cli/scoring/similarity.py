@@ -1,4 +1,4 @@
-"""Channel-by-channel similarity of feature maps (this project's definitions, see README "Definitions").
+"""Channel-by-channel similarity of feature maps (this project's definitions, docs/method.md).
 
 For one image n and two channels i, j of a layer (maps H x W):
 

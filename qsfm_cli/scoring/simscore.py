@@ -1,4 +1,4 @@
-"""Similarity score: remove the channels most similar, on average, to all others (see README "Definitions")."""
+"""Similarity score: remove the channels most similar, on average, to all others (docs/method.md)."""
 from __future__ import annotations
 
 import math
