@@ -21,7 +21,8 @@ from .baseline import trained_baseline
 from .cache import Cache, fingerprint, model_fingerprint
 from .collect import collect_stats
 from .data import ImageSet
-from .evaluate import Metrics, accuracy, evaluate, heldout_loss
+from .evaluate import Metrics, accuracy, evaluate, evaluate_pair, heldout_loss
+from .latency import MIN_REPEATS, RUNTIMES, PairLatency
 from .loaders import input_shape
 from .models import create_model
 from .models.torchvision_models import load_pretrained
@@ -54,14 +55,22 @@ class CollectSpec:
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """The ``eval`` config node: the accuracy batch, and the batch sizes and repeats of the latency."""
+    """The ``eval`` config node: the accuracy batch, and the batch sizes, repeats and runtimes of the
+    latency (base and pruned timed together, ``latency.measure_pair``)."""
 
     batch_size: int = 500
     latency_batches: tuple[int, ...] = (1, 64)
     latency_repeats: int = 20
+    runtimes: tuple[str, ...] = ("torch",)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "latency_batches", tuple(self.latency_batches))
+        object.__setattr__(self, "runtimes", tuple(self.runtimes))
+        if not self.runtimes or any(r not in RUNTIMES for r in self.runtimes):
+            raise ValueError(f"eval.runtimes={list(self.runtimes)}; accepted: one or more of {', '.join(RUNTIMES)}")
+        if self.latency_batches and self.latency_repeats < MIN_REPEATS:
+            raise ValueError(f"eval.latency_repeats={self.latency_repeats}; must be >= {MIN_REPEATS} (a spread "
+                             f"needs them)")
         if self.batch_size < 1:
             raise ValueError(f"eval.batch_size={self.batch_size}; must be >= 1")
         if self.latency_repeats < 1:
@@ -339,18 +348,27 @@ def prune_and_recover(model: nn.Module, sets: list[ChannelSet], orders: Orders, 
     return current, status
 
 
-def evaluate_stage(model: nn.Module, exp: Experiment, cache: Cache) -> Metrics:
-    """Evaluate stage; the accuracy of a model already seen on these test images comes from the cache."""
+def evaluate_stage(base: nn.Module, pruned: nn.Module, exp: Experiment, cache: Cache
+                   ) -> tuple[Metrics, Metrics, list[PairLatency]]:
+    """Evaluate stage: both models' metrics, their latencies timed together per runtime; the accuracy of a
+    model already seen on these test images comes from the cache."""
     spec = exp.eval
 
-    def measure_accuracy() -> list[float]:
-        return list(accuracy(model, exp.test_set, device=exp.device, batch_size=spec.batch_size))
+    def cached_accuracy(model: nn.Module) -> tuple[float, float]:
+        def measure() -> list[float]:
+            return list(accuracy(model, exp.test_set, device=exp.device, batch_size=spec.batch_size))
 
-    key = fingerprint("accuracy", model_fingerprint(model), exp.test_set.content_key(), exp.test_set.mean,
-                      exp.test_set.std)
-    top, _ = cache.get_or_compute("accuracy", key, measure_accuracy)
-    return evaluate(model, exp.test_set, device=exp.device, latency_batches=spec.latency_batches,
-                    latency_repeats=spec.latency_repeats, known_accuracy=tuple(top))
+        key = fingerprint("accuracy", model_fingerprint(model), exp.test_set.content_key(), exp.test_set.mean,
+                          exp.test_set.std)
+        return tuple(cache.get_or_compute("accuracy", key, measure)[0])
+
+    known = (cached_accuracy(base), cached_accuracy(pruned))
+    if not spec.latency_batches:
+        return (*(evaluate(m, exp.test_set, device=exp.device, latency_batches=(), known_accuracy=acc)
+                  for m, acc in zip((base, pruned), known)), [])
+    return evaluate_pair(base, pruned, exp.test_set, device=exp.device, latency_batches=spec.latency_batches,
+                         latency_repeats=spec.latency_repeats, runtimes=spec.runtimes, batch_size=spec.batch_size,
+                         known_accuracy=known)
 
 
 def run_stages(exp: Experiment, ctx: RunContext) -> tuple[Results, nn.Module]:
@@ -371,8 +389,7 @@ def run_stages(exp: Experiment, ctx: RunContext) -> tuple[Results, nn.Module]:
     pruned, recovered = prune_and_recover(model, sets, orders, stats, plan_info["removed"], exp, ctx, example)
 
     with ctx.stage("evaluate"):
-        base = evaluate_stage(model, exp, ctx.cache)
-        after_prune = evaluate_stage(pruned, exp, ctx.cache)
+        base, after_prune, pairs = evaluate_stage(model, pruned, exp, ctx.cache)
     if exp.recovery.label == "none" and exp.finetune.epochs == 0:
         log.warning("top-1 %.2f -> %.2f is the criterion's raw output: nothing repaired the pruned network "
                     "(recover=sequential|blockwise|lstsq repairs it without labels, finetune=short trains it)",
@@ -389,7 +406,8 @@ def run_stages(exp: Experiment, ctx: RunContext) -> tuple[Results, nn.Module]:
 
     pruned_sets = {s.name: s.size for s in channel_sets(pruned, example, scope=exp.plan.scope)}
     kept = {s.name: {"kept": pruned_sets.get(s.name, 0), "total": s.size} for s in sets}
-    return Results(base, after_prune, final, kept, plan_info, recovered), pruned
+    latency = {f"{p.runtime}/b{p.batch}": p.to_dict() for p in pairs}
+    return Results(base, after_prune, final, kept, plan_info, recovered, latency), pruned
 
 
 def run_experiment(exp: Experiment) -> RunRecord:

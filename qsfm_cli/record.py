@@ -113,7 +113,9 @@ def config_columns(config: Mapping[str, Any]) -> dict[str, Any]:
 @dataclass
 class Results:
     """What a finished run measured. ``pruned``: right after pruning and recovery; ``final``: after
-    fine-tuning (``pruned`` without it). ``recovery``: per channel set, what the recovery did."""
+    fine-tuning (``pruned`` without it). ``recovery``: per channel set, what the recovery did.
+    ``latency``: per ``<runtime>/b<batch>``, base and pruned timed together (``PairLatency.to_dict()``):
+    medians, spreads, speed-up and whether it can be trusted."""
 
     base: Metrics
     pruned: Metrics
@@ -121,15 +123,18 @@ class Results:
     kept_channels: dict[str, dict[str, int]]
     plan: dict[str, Any]
     recovery: dict[str, str]
+    latency: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"base": self.base.to_dict(), "pruned": self.pruned.to_dict(), "final": self.final.to_dict(),
-                "kept_channels": self.kept_channels, "plan": self.plan, "recovery": self.recovery}
+                "kept_channels": self.kept_channels, "plan": self.plan, "recovery": self.recovery,
+                "latency": self.latency}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Results":
         return cls(base=Metrics(**d["base"]), pruned=Metrics(**d["pruned"]), final=Metrics(**d["final"]),
-                   kept_channels=d["kept_channels"], plan=d["plan"], recovery=d["recovery"])
+                   kept_channels=d["kept_channels"], plan=d["plan"], recovery=d["recovery"],
+                   latency=d.get("latency") or {})
 
 
 @dataclass
