@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -22,8 +22,9 @@ from .cache import Cache, fingerprint, model_fingerprint
 from .collect import collect_stats
 from .data import ImageSet
 from .evaluate import Metrics, accuracy, evaluate, evaluate_pair, heldout_loss
+from .export import ONNX_FILE, ExportSpec, check_onnx, export_onnx
 from .latency import MIN_REPEATS, RUNTIMES, PairLatency
-from .loaders import input_shape
+from .loaders import input_shape, make_loader
 from .models import create_model
 from .models.torchvision_models import load_pretrained
 from .plan import MacsMeter, PlanSpec, format_sensitivity, keep_from_counts, make_keep, measure_sensitivity
@@ -33,6 +34,9 @@ from .recover import Recovery, RecoverySpec, recalibrate_bn
 from .scoring import Scorer, StatRequest, threshold_scorers
 from .train import Execution, TrainRecipe, train
 from .types import ChannelSet, Keep, LayerStats, Order, Orders
+
+if TYPE_CHECKING:
+    from .loggers import Logger
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -105,6 +109,7 @@ class Experiment:
     execution: Execution = field(default_factory=Execution)
     collect: CollectSpec = field(default_factory=CollectSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
+    export: ExportSpec = field(default_factory=ExportSpec)
     seed: int = 0
     device: str = "cpu"
     cache_dir: Path | None = None
@@ -114,6 +119,8 @@ class Experiment:
     dataset_options: dict[str, Any] = field(default_factory=dict)  # what identifies the data beyond its name
     reference: dict[str, Any] | None = None        # a published row shown beside the results
     config: dict[str, Any] | None = None           # the composed config, recorded as it is
+    logger: "Logger | None" = None                 # tracks the run (qsfm_cli.loggers; several: Loggers)
+    run_name: str | None = None                    # the logger's name of the run (None: the run dir's name)
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
@@ -399,7 +406,8 @@ def run_stages(exp: Experiment, ctx: RunContext) -> tuple[Results, nn.Module]:
     with ctx.stage("finetune"):
         if exp.finetune.epochs > 0:
             train(pruned, exp.train_set, exp.test_set, exp.finetune, device=exp.device, seed=exp.seed,
-                  execution=exp.execution, run_dir=exp.run_dir, resume=exp.resume, progress=exp.progress)
+                  execution=exp.execution, run_dir=exp.run_dir, resume=exp.resume, progress=exp.progress,
+                  on_epoch=None if exp.logger is None else epoch_metrics(exp.logger))
             # Fine-tuning changes weights, not shapes: MACs, params and latency stay those of the pruned model.
             top1, top5 = accuracy(pruned, exp.test_set, device=exp.device, batch_size=exp.eval.batch_size)
             final = replace(after_prune, top1=top1, top5=top5)
@@ -410,13 +418,34 @@ def run_stages(exp: Experiment, ctx: RunContext) -> tuple[Results, nn.Module]:
     return Results(base, after_prune, final, kept, plan_info, recovered, latency), pruned
 
 
+def epoch_metrics(logger: "Logger") -> Callable[[dict[str, Any]], None]:
+    """``train``'s epoch hook: the row's figures as ``finetune/<column>`` at step ``epoch``."""
+    def log_epoch(row: dict[str, Any]) -> None:
+        logger.log_metrics({f"finetune/{k}": v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+    return log_epoch
+
+
 def run_experiment(exp: Experiment) -> RunRecord:
     """Run every stage and record it in ``exp.run_dir``: ``metrics.json`` (status ``running`` from the
-    start), then on success ``metrics.json``, ``results.csv`` and ``pruned_model.pt``, in that order. A run
-    directory that holds a finished run is refused before any work."""
+    start), then on success ``metrics.json``, ``results.csv`` and ``pruned_model.pt``, in that order (and
+    ``pruned_model.onnx`` when ``exp.export.onnx``). A run directory that holds a finished run is refused
+    before any work.
+
+    With ``exp.logger`` (rank 0 only), the run is tracked: the config as parameters at the start, every
+    fine-tuning epoch, the final record's numbers, the saved model files as artifacts, and the status it
+    ended with, failed or interrupted included."""
+    outputs.refuse_finished(Path(exp.run_dir))
+    logger = exp.logger if distributed.current().is_main else None
+    if logger is None:
+        return _run_and_record(exp, None)
+    logger.start(exp.run_name or Path(exp.run_dir).name, exp.config or exp.settings().to_dict())
+    with logger:          # closes the run with the status the block ends with
+        return _run_and_record(exp, logger)
+
+
+def _run_and_record(exp: Experiment, logger: "Logger | None") -> RunRecord:
     started = time.perf_counter()
     run_dir = Path(exp.run_dir)
-    outputs.refuse_finished(run_dir)
     torch.manual_seed(exp.seed)
     ctx = RunContext(Cache(exp.cache_dir or run_dir / "cache", enabled=exp.cache_dir is not None))
     record = RunRecord(exp.settings(), reference=exp.reference, config=exp.config)
@@ -432,9 +461,40 @@ def run_experiment(exp: Experiment) -> RunRecord:
     record.timings_s = _rounded({**ctx.timings, "total": time.perf_counter() - started})
     record.cache = ctx.cache_status
     _write_record(run_dir, record)
-    if exp.save_model and distributed.current().is_main:
+    is_main = distributed.current().is_main
+    if exp.save_model and is_main:
         outputs.save_pruned(run_dir / outputs.PRUNED_FILE, pruned.cpu())
+    if exp.export.onnx and is_main:
+        with ctx.stage("export"):
+            record.export = export_stage(pruned.cpu(), exp)
+        record.timings_s["export"] = round(ctx.timings["export"], 3)
+        _write_record(run_dir, record)
+    if logger is not None:
+        logger.log_record({k: v for k, v in record.to_dict().items() if k != "config"})
+        files = [outputs.PRUNED_FILE] * exp.save_model + [ONNX_FILE] * exp.export.onnx
+        for path in (run_dir / name for name in files):
+            if path.is_file():
+                logger.log_artifact(path)
     return record
+
+
+def export_stage(pruned: nn.Module, exp: Experiment) -> dict[str, Any]:
+    """Export stage: ``pruned_model.onnx`` in the run directory, checked in ONNX Runtime against PyTorch on
+    the first test images. A failure is returned as the record's ``error``, not raised: the run's results
+    stand without the file."""
+    path = Path(exp.run_dir) / ONNX_FILE
+    try:
+        images, _ = next(iter(make_loader(exp.test_set, exp.export.check_images, device="cpu", train=False,
+                                          num_workers=0)))
+        export_onnx(pruned, path, images[:1])
+        check = check_onnx(pruned, path, images)
+    except Exception as err:
+        log.warning("ONNX export failed: %s", error_text(err))
+        return {"onnx_file": str(path), "ok": False, "error": error_text(err)}
+    if not check["ok"]:
+        log.warning("ONNX Runtime disagrees with PyTorch: relative error %.3g above %g", check["rel_error"],
+                    check["tolerance"])
+    return check
 
 
 def _write_record(run_dir: Path, record: RunRecord) -> None:
