@@ -157,7 +157,7 @@ def test_single_run_is_tracked_by_every_logger(tmp_path):
     client, runs = mlflow_runs(tmp_path)
     [(name, run)] = runs.items()
     assert name == "experiment=smoke,prune.ratio=0.4" and run.info.status == "FINISHED"
-    assert run.data.params["model.name"] == "tiny" and run.data.metrics["results/base/top1"] == record.results.base.top1
+    assert run.data.params["model.name"] == record.settings.model["name"] and run.data.metrics["results/base/top1"] == record.results.base.top1
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["pruned_model.pt"]
     acc = read_tensorboard(tmp_path / "tb" / "qsfm" / name)
     assert acc.Scalars("results/final/macs")[0].value == record.results.final.macs
