@@ -72,13 +72,13 @@ class EvalSpec:
         object.__setattr__(self, "runtimes", tuple(self.runtimes))
         if not self.runtimes or any(r not in RUNTIMES for r in self.runtimes):
             raise ValueError(f"eval.runtimes={list(self.runtimes)}; accepted: one or more of {', '.join(RUNTIMES)}")
-        if self.latency_batches and self.latency_repeats < MIN_REPEATS:
-            raise ValueError(f"eval.latency_repeats={self.latency_repeats}; must be >= {MIN_REPEATS} (a spread "
-                             f"needs them)")
         if self.batch_size < 1:
             raise ValueError(f"eval.batch_size={self.batch_size}; must be >= 1")
         if self.latency_repeats < 1:
             raise ValueError(f"eval.latency_repeats={self.latency_repeats}; must be >= 1")
+        if self.latency_batches and self.latency_repeats < MIN_REPEATS:
+            raise ValueError(f"eval.latency_repeats={self.latency_repeats}; must be >= {MIN_REPEATS} (a spread "
+                             f"needs them)")
         if any(b < 1 for b in self.latency_batches):
             raise ValueError(f"eval.latency_batches={list(self.latency_batches)}; every batch size must be >= 1 "
                              f"(an empty list measures no latency)")

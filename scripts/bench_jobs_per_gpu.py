@@ -30,7 +30,7 @@ def sweep(n: int, args: argparse.Namespace, work: Path, checkpoint: Path) -> flo
                f"model={args.model}", f"model.checkpoint={checkpoint}", "dataset=fake",
                f"dataset.train_size={args.images}", "dataset.test_size=256", "prune.ratio=0.5",
                "finetune=short", "finetune.epochs=1", f"finetune.batch_size={args.batch}", "collect.num_images=64",
-               "eval.latency_repeats=1", "eval.latency_batches=[1]", f"device={args.device}", "progress=false",
+               "eval.latency_repeats=3", "eval.latency_batches=[1]", f"device={args.device}", "progress=false",
                f"seed={seeds}", f"hydra.sweep.dir={out}", f"cache.dir={work / 'cache'}"]
     proc = subprocess.run(command, capture_output=True, text=True)
     logs = sorted(out.glob("*/train_log.csv"))

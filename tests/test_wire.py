@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from qsfm_cli import report
-from qsfm_cli.export import check_onnx
+from qsfm_cli.export import ExportSpec, check_onnx
 from qsfm_cli.latency import summarize_pair
 from qsfm_cli.outputs import load_pruned, results_row, write_record
+from qsfm_cli.pipeline import EvalSpec
 from qsfm_cli.record import OK, Results, RunRecord
 
 from .conftest import qsfm_run
@@ -163,3 +164,15 @@ def test_single_run_is_tracked_by_every_logger(tmp_path):
     assert acc.Scalars("results/final/macs")[0].value == record.results.final.macs
     assert json.loads((run_dir / "csv" / "run.json").read_text())["status"] == "ok"
     assert not (run_dir / "pruned_model.onnx").exists() and record.export is None
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: EvalSpec(runtimes=("onnx",)), "eval.runtimes=['onnx']; accepted: one or more of torch, onnxruntime"),
+    (lambda: EvalSpec(runtimes=()), "eval.runtimes=[]; accepted:"),
+    (lambda: EvalSpec(latency_repeats=2), "eval.latency_repeats=2; must be >= 3"),
+    (lambda: ExportSpec(check_images=0), "export.check_images=0; must be >= 1"),
+])
+def test_bad_eval_and_export_values_are_one_clear_error(make, message):
+    with pytest.raises(ValueError) as err:
+        make()
+    assert message in str(err.value)
