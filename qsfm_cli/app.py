@@ -25,6 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import config, distributed, outputs, papers
+from .export import ExportSpec
+from .loggers import Loggers
 from .models import default_normalization
 from .pipeline import CollectSpec, EvalSpec, Experiment, check_seed, resolve_device, run_experiment
 from .plan import PlanSpec
@@ -64,6 +66,21 @@ def plain(node: DictConfig) -> Any:
     return OmegaConf.to_container(node, resolve=True)
 
 
+def build_loggers(cfg: DictConfig) -> Loggers | None:
+    """The ``logger`` group's loggers as one (``None`` when it names none); built on rank 0 only, the
+    one that tracks the run."""
+    nodes = cfg.get("logger") or {}
+    if not nodes or not distributed.current().is_main:
+        return None
+    return Loggers([build(node) for node in nodes.values()])
+
+
+def run_name(run_dir: Path) -> str:
+    """The logger's name of the job: Hydra's override dirname (in a sweep, what varied), else the run
+    directory's name."""
+    return HydraConfig.get().job.override_dirname or run_dir.name
+
+
 def build_experiment(cfg: DictConfig, run_dir: Path) -> Experiment:
     """Translate a composed config into an ``Experiment``: every spec first (each checks its values), the
     data last, so that a bad value is refused before any work."""
@@ -80,6 +97,7 @@ def build_experiment(cfg: DictConfig, run_dir: Path) -> Experiment:
         execution=within("execution", Execution.from_dict, plain(cfg.execution)),
         collect=CollectSpec(**plain(cfg.collect)),
         eval=EvalSpec(**plain(cfg.eval)),
+        export=ExportSpec(**plain(cfg.export)),
         scorer=build(cfg.scorer),
         reference=papers.reference(cfg.reference).as_dict() if cfg.reference else None,
         device=str(resolve_device(cfg.device, job_slot())),
@@ -104,6 +122,8 @@ def build_experiment(cfg: DictConfig, run_dir: Path) -> Experiment:
         progress=cfg.progress,
         dataset_options={k: v for k, v in plain(cfg.dataset).items() if k not in config.DATA_ACCESS_KEYS},
         config=container(cfg),
+        logger=build_loggers(cfg),
+        run_name=run_name(run_dir),
         **specs,
     )
 

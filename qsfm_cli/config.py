@@ -1,7 +1,7 @@
 """Typed schemas of the config groups, registered with Hydra's ConfigStore.
 
 Each key has one owner. Where a stage has a spec dataclass (``PlanSpec``, ``TrainRecipe``, ``Execution``,
-``CollectSpec``, ``EvalSpec``, every registered scorer and recovery) its schema is generated from it: same
+``CollectSpec``, ``EvalSpec``, ``ExportSpec``, every registered scorer and recovery) its schema is generated from it: same
 names, same defaults, types as OmegaConf takes them. The YAML options only set what differs, so a wrong
 type is Hydra's own error naming the key, before any work. Scorers and recoveries have one schema each
 (``schema/scorer/<name>``, ``schema/recover/<name>``), which their YAML option extends through its defaults
@@ -16,6 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from .export import ExportSpec
 from .pipeline import CollectSpec, EvalSpec
 from .plan import PlanSpec
 from .recover import RecoverySpec, get_recovery, list_recoveries
@@ -67,6 +68,7 @@ RecipeConfig = schema("RecipeConfig", TrainRecipe)
 ExecutionConfig = schema("ExecutionConfig", Execution)
 CollectConfig = schema("CollectConfig", CollectSpec)
 EvalConfig = schema("EvalConfig", EvalSpec)
+ExportConfig = schema("ExportConfig", ExportSpec)
 # The keys every recovery shares; a method's schema adds its own options after them.
 RecoverConfig = schema("RecoverConfig", RecoverySpec, exclude=("method",),
                        extra=(("_target_", str, "qsfm_cli.recover.get_recovery"), ("name", str, MISSING)))
@@ -143,6 +145,8 @@ class RunConfig:
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    logger: Any = field(default_factory=dict)   # logger name -> its node (conf/logger/*.yaml)
     cache: CacheConfig = field(default_factory=CacheConfig)
     seed: int = 0                            # same config + seed = same channels pruned, same numbers
     device: str = "auto"                     # auto (CUDA when available), cpu, cuda, cuda:N, mps

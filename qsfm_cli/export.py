@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,19 @@ OPSET = 20                     # ONNX Runtime >= 1.17 runs every op the exporter
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 TOLERANCE = 1e-4               # largest |ONNX - PyTorch| logit over the largest |PyTorch| logit
 ONNX_FILE = "pruned_model.onnx"
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """The ``export`` config node: ``onnx`` writes ``pruned_model.onnx`` beside the pruned model and checks
+    it in ONNX Runtime against PyTorch on the first ``check_images`` test images."""
+
+    onnx: bool = False
+    check_images: int = 8
+
+    def __post_init__(self) -> None:
+        if self.check_images < 1:
+            raise ValueError(f"export.check_images={self.check_images}; must be >= 1")
 
 
 def _checked_images(images: torch.Tensor, what: str) -> torch.Tensor:

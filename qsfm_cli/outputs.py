@@ -112,10 +112,17 @@ def results_row(record: RunRecord) -> dict[str, Any]:
         "params_reduction_%": round(100 * (1 - final.params / base.params), 2),
     })
     for batch, ms in base.latency_ms.items():
-        pruned_ms = final.latency_ms[batch]
         row[f"base_latency_{batch}_ms"] = round(ms, 3)
-        row[f"pruned_latency_{batch}_ms"] = round(pruned_ms, 3)
-        row[f"speedup_{batch}"] = round(ms / pruned_ms, 3)
+        row[f"pruned_latency_{batch}_ms"] = round(final.latency_ms[batch], 3)
+    for pair in results.latency.values():
+        # The eager PyTorch columns carry no prefix: they are the latency the rest of the row describes.
+        prefix, batch = ("" if pair["runtime"] == "torch" else "onnx_"), f"b{pair['batch']}"
+        if prefix:
+            row[f"{prefix}base_latency_{batch}_ms"] = round(pair["base_ms"], 3)
+            row[f"{prefix}pruned_latency_{batch}_ms"] = round(pair["pruned_ms"], 3)
+        row[f"{prefix}speedup_{batch}"] = round(pair["speedup"], 3)
+        row[f"{prefix}speedup_trusted_{batch}"] = pair["trusted"]
+        row[f"{prefix}latency_spread_{batch}"] = round(max(pair["base_spread"], pair["pruned_spread"]), 3)
     return row
 
 

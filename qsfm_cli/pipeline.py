@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -21,8 +21,10 @@ from .baseline import trained_baseline
 from .cache import Cache, fingerprint, model_fingerprint
 from .collect import collect_stats
 from .data import ImageSet
-from .evaluate import Metrics, accuracy, evaluate, heldout_loss
-from .loaders import input_shape
+from .evaluate import Metrics, accuracy, evaluate, evaluate_pair, heldout_loss
+from .export import ONNX_FILE, ExportSpec, check_onnx, export_onnx
+from .latency import MIN_REPEATS, RUNTIMES, PairLatency
+from .loaders import input_shape, make_loader
 from .models import create_model
 from .models.torchvision_models import load_pretrained
 from .plan import MacsMeter, PlanSpec, format_sensitivity, keep_from_counts, make_keep, measure_sensitivity
@@ -32,6 +34,9 @@ from .recover import Recovery, RecoverySpec, recalibrate_bn
 from .scoring import Scorer, StatRequest, threshold_scorers
 from .train import Execution, TrainRecipe, train
 from .types import ChannelSet, Keep, LayerStats, Order, Orders
+
+if TYPE_CHECKING:
+    from .loggers import Logger
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,18 +59,26 @@ class CollectSpec:
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """The ``eval`` config node: the accuracy batch, and the batch sizes and repeats of the latency."""
+    """The ``eval`` config node: the accuracy batch, and the batch sizes, repeats and runtimes of the
+    latency (base and pruned timed together, ``latency.measure_pair``)."""
 
     batch_size: int = 500
     latency_batches: tuple[int, ...] = (1, 64)
     latency_repeats: int = 20
+    runtimes: tuple[str, ...] = ("torch",)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "latency_batches", tuple(self.latency_batches))
+        object.__setattr__(self, "runtimes", tuple(self.runtimes))
+        if not self.runtimes or any(r not in RUNTIMES for r in self.runtimes):
+            raise ValueError(f"eval.runtimes={list(self.runtimes)}; accepted: one or more of {', '.join(RUNTIMES)}")
         if self.batch_size < 1:
             raise ValueError(f"eval.batch_size={self.batch_size}; must be >= 1")
-        if self.latency_repeats < 3:   # a median and its spread need three timings
-            raise ValueError(f"eval.latency_repeats={self.latency_repeats}; must be >= 3")
+        if self.latency_repeats < 1:
+            raise ValueError(f"eval.latency_repeats={self.latency_repeats}; must be >= 1")
+        if self.latency_batches and self.latency_repeats < MIN_REPEATS:
+            raise ValueError(f"eval.latency_repeats={self.latency_repeats}; must be >= {MIN_REPEATS} (a spread "
+                             f"needs them)")
         if any(b < 1 for b in self.latency_batches):
             raise ValueError(f"eval.latency_batches={list(self.latency_batches)}; every batch size must be >= 1 "
                              f"(an empty list measures no latency)")
@@ -96,6 +109,7 @@ class Experiment:
     execution: Execution = field(default_factory=Execution)
     collect: CollectSpec = field(default_factory=CollectSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
+    export: ExportSpec = field(default_factory=ExportSpec)
     seed: int = 0
     device: str = "cpu"
     cache_dir: Path | None = None
@@ -105,6 +119,8 @@ class Experiment:
     dataset_options: dict[str, Any] = field(default_factory=dict)  # what identifies the data beyond its name
     reference: dict[str, Any] | None = None        # a published row shown beside the results
     config: dict[str, Any] | None = None           # the composed config, recorded as it is
+    logger: "Logger | None" = None                 # tracks the run (qsfm_cli.loggers; several: Loggers)
+    run_name: str | None = None                    # the logger's name of the run (None: the run dir's name)
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
@@ -339,18 +355,27 @@ def prune_and_recover(model: nn.Module, sets: list[ChannelSet], orders: Orders, 
     return current, status
 
 
-def evaluate_stage(model: nn.Module, exp: Experiment, cache: Cache) -> Metrics:
-    """Evaluate stage; the accuracy of a model already seen on these test images comes from the cache."""
+def evaluate_stage(base: nn.Module, pruned: nn.Module, exp: Experiment, cache: Cache
+                   ) -> tuple[Metrics, Metrics, list[PairLatency]]:
+    """Evaluate stage: both models' metrics, their latencies timed together per runtime; the accuracy of a
+    model already seen on these test images comes from the cache."""
     spec = exp.eval
 
-    def measure_accuracy() -> list[float]:
-        return list(accuracy(model, exp.test_set, device=exp.device, batch_size=spec.batch_size))
+    def cached_accuracy(model: nn.Module) -> tuple[float, float]:
+        def measure() -> list[float]:
+            return list(accuracy(model, exp.test_set, device=exp.device, batch_size=spec.batch_size))
 
-    key = fingerprint("accuracy", model_fingerprint(model), exp.test_set.content_key(), exp.test_set.mean,
-                      exp.test_set.std)
-    top, _ = cache.get_or_compute("accuracy", key, measure_accuracy)
-    return evaluate(model, exp.test_set, device=exp.device, latency_batches=spec.latency_batches,
-                    latency_repeats=spec.latency_repeats, known_accuracy=tuple(top))
+        key = fingerprint("accuracy", model_fingerprint(model), exp.test_set.content_key(), exp.test_set.mean,
+                          exp.test_set.std)
+        return tuple(cache.get_or_compute("accuracy", key, measure)[0])
+
+    known = (cached_accuracy(base), cached_accuracy(pruned))
+    if not spec.latency_batches:
+        return (*(evaluate(m, exp.test_set, device=exp.device, latency_batches=(), known_accuracy=acc)
+                  for m, acc in zip((base, pruned), known)), [])
+    return evaluate_pair(base, pruned, exp.test_set, device=exp.device, latency_batches=spec.latency_batches,
+                         latency_repeats=spec.latency_repeats, runtimes=spec.runtimes, batch_size=spec.batch_size,
+                         known_accuracy=known)
 
 
 def run_stages(exp: Experiment, ctx: RunContext) -> tuple[Results, nn.Module]:
@@ -371,8 +396,7 @@ def run_stages(exp: Experiment, ctx: RunContext) -> tuple[Results, nn.Module]:
     pruned, recovered = prune_and_recover(model, sets, orders, stats, plan_info["removed"], exp, ctx, example)
 
     with ctx.stage("evaluate"):
-        base = evaluate_stage(model, exp, ctx.cache)
-        after_prune = evaluate_stage(pruned, exp, ctx.cache)
+        base, after_prune, pairs = evaluate_stage(model, pruned, exp, ctx.cache)
     if exp.recovery.label == "none" and exp.finetune.epochs == 0:
         log.warning("top-1 %.2f -> %.2f is the criterion's raw output: nothing repaired the pruned network "
                     "(recover=sequential|blockwise|lstsq repairs it without labels, finetune=short trains it)",
@@ -382,23 +406,46 @@ def run_stages(exp: Experiment, ctx: RunContext) -> tuple[Results, nn.Module]:
     with ctx.stage("finetune"):
         if exp.finetune.epochs > 0:
             train(pruned, exp.train_set, exp.test_set, exp.finetune, device=exp.device, seed=exp.seed,
-                  execution=exp.execution, run_dir=exp.run_dir, resume=exp.resume, progress=exp.progress)
+                  execution=exp.execution, run_dir=exp.run_dir, resume=exp.resume, progress=exp.progress,
+                  on_epoch=None if exp.logger is None else epoch_metrics(exp.logger))
             # Fine-tuning changes weights, not shapes: MACs, params and latency stay those of the pruned model.
             top1, top5 = accuracy(pruned, exp.test_set, device=exp.device, batch_size=exp.eval.batch_size)
             final = replace(after_prune, top1=top1, top5=top5)
 
     pruned_sets = {s.name: s.size for s in channel_sets(pruned, example, scope=exp.plan.scope)}
     kept = {s.name: {"kept": pruned_sets.get(s.name, 0), "total": s.size} for s in sets}
-    return Results(base, after_prune, final, kept, plan_info, recovered), pruned
+    latency = {f"{p.runtime}/b{p.batch}": p.to_dict() for p in pairs}
+    return Results(base, after_prune, final, kept, plan_info, recovered, latency), pruned
+
+
+def epoch_metrics(logger: "Logger") -> Callable[[dict[str, Any]], None]:
+    """``train``'s epoch hook: the row's figures as ``finetune/<column>`` at step ``epoch``."""
+    def log_epoch(row: dict[str, Any]) -> None:
+        logger.log_metrics({f"finetune/{k}": v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+    return log_epoch
 
 
 def run_experiment(exp: Experiment) -> RunRecord:
     """Run every stage and record it in ``exp.run_dir``: ``metrics.json`` (status ``running`` from the
-    start), then on success ``metrics.json``, ``results.csv`` and ``pruned_model.pt``, in that order. A run
-    directory that holds a finished run is refused before any work."""
+    start), then on success ``metrics.json``, ``results.csv`` and ``pruned_model.pt``, in that order (and
+    ``pruned_model.onnx`` when ``exp.export.onnx``). A run directory that holds a finished run is refused
+    before any work.
+
+    With ``exp.logger`` (rank 0 only), the run is tracked: the config as parameters at the start, every
+    fine-tuning epoch, the final record's numbers, the saved model files as artifacts, and the status it
+    ended with, failed or interrupted included."""
+    outputs.refuse_finished(Path(exp.run_dir))
+    logger = exp.logger if distributed.current().is_main else None
+    if logger is None:
+        return _run_and_record(exp, None)
+    logger.start(exp.run_name or Path(exp.run_dir).name, exp.config or exp.settings().to_dict())
+    with logger:          # closes the run with the status the block ends with
+        return _run_and_record(exp, logger)
+
+
+def _run_and_record(exp: Experiment, logger: "Logger | None") -> RunRecord:
     started = time.perf_counter()
     run_dir = Path(exp.run_dir)
-    outputs.refuse_finished(run_dir)
     torch.manual_seed(exp.seed)
     ctx = RunContext(Cache(exp.cache_dir or run_dir / "cache", enabled=exp.cache_dir is not None))
     record = RunRecord(exp.settings(), reference=exp.reference, config=exp.config)
@@ -414,9 +461,40 @@ def run_experiment(exp: Experiment) -> RunRecord:
     record.timings_s = _rounded({**ctx.timings, "total": time.perf_counter() - started})
     record.cache = ctx.cache_status
     _write_record(run_dir, record)
-    if exp.save_model and distributed.current().is_main:
+    is_main = distributed.current().is_main
+    if exp.save_model and is_main:
         outputs.save_pruned(run_dir / outputs.PRUNED_FILE, pruned.cpu())
+    if exp.export.onnx and is_main:
+        with ctx.stage("export"):
+            record.export = export_stage(pruned.cpu(), exp)
+        record.timings_s["export"] = round(ctx.timings["export"], 3)
+        _write_record(run_dir, record)
+    if logger is not None:
+        logger.log_record({k: v for k, v in record.to_dict().items() if k != "config"})
+        files = [outputs.PRUNED_FILE] * exp.save_model + [ONNX_FILE] * exp.export.onnx
+        for path in (run_dir / name for name in files):
+            if path.is_file():
+                logger.log_artifact(path)
     return record
+
+
+def export_stage(pruned: nn.Module, exp: Experiment) -> dict[str, Any]:
+    """Export stage: ``pruned_model.onnx`` in the run directory, checked in ONNX Runtime against PyTorch on
+    the first test images. A failure is returned as the record's ``error``, not raised: the run's results
+    stand without the file."""
+    path = Path(exp.run_dir) / ONNX_FILE
+    try:
+        images, _ = next(iter(make_loader(exp.test_set, exp.export.check_images, device="cpu", train=False,
+                                          num_workers=0)))
+        export_onnx(pruned, path, images[:1])
+        check = check_onnx(pruned, path, images)
+    except Exception as err:
+        log.warning("ONNX export failed: %s", error_text(err))
+        return {"onnx_file": str(path), "ok": False, "error": error_text(err)}
+    if not check["ok"]:
+        log.warning("ONNX Runtime disagrees with PyTorch: relative error %.3g above %g", check["rel_error"],
+                    check["tolerance"])
+    return check
 
 
 def _write_record(run_dir: Path, record: RunRecord) -> None:

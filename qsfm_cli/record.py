@@ -113,7 +113,9 @@ def config_columns(config: Mapping[str, Any]) -> dict[str, Any]:
 @dataclass
 class Results:
     """What a finished run measured. ``pruned``: right after pruning and recovery; ``final``: after
-    fine-tuning (``pruned`` without it). ``recovery``: per channel set, what the recovery did."""
+    fine-tuning (``pruned`` without it). ``recovery``: per channel set, what the recovery did.
+    ``latency``: per ``<runtime>/b<batch>``, base and pruned timed together (``PairLatency.to_dict()``):
+    medians, spreads, speed-up and whether it can be trusted."""
 
     base: Metrics
     pruned: Metrics
@@ -121,22 +123,26 @@ class Results:
     kept_channels: dict[str, dict[str, int]]
     plan: dict[str, Any]
     recovery: dict[str, str]
+    latency: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"base": self.base.to_dict(), "pruned": self.pruned.to_dict(), "final": self.final.to_dict(),
-                "kept_channels": self.kept_channels, "plan": self.plan, "recovery": self.recovery}
+                "kept_channels": self.kept_channels, "plan": self.plan, "recovery": self.recovery,
+                "latency": self.latency}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Results":
         return cls(base=Metrics(**d["base"]), pruned=Metrics(**d["pruned"]), final=Metrics(**d["final"]),
-                   kept_channels=d["kept_channels"], plan=d["plan"], recovery=d["recovery"])
+                   kept_channels=d["kept_channels"], plan=d["plan"], recovery=d["recovery"],
+                   latency=d.get("latency") or {})
 
 
 @dataclass
 class RunRecord:
     """One run as ``metrics.json`` holds it. ``status`` is ``running`` from the start of the run (a killed
     run stays so), then ``ok`` or ``failed`` with its ``error``; ``settings`` is ``None`` only for a run that
-    failed before they were known (its ``config`` then says what was asked)."""
+    failed before they were known (its ``config`` then says what was asked). ``export``: the ONNX export
+    and its ONNX Runtime check (``export.check_onnx``, or the error that stopped it), when asked for."""
 
     settings: Settings | None
     status: str = RUNNING
@@ -146,13 +152,14 @@ class RunRecord:
     cache: dict[str, str] = field(default_factory=dict)
     reference: dict[str, Any] | None = None
     config: dict[str, Any] | None = None
+    export: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.status, "error": self.error,
                 "settings": self.settings.to_dict() if self.settings else None,
                 "results": self.results.to_dict() if self.results else None,
                 "timings_s": self.timings_s, "cache": self.cache, "reference": self.reference,
-                "config": self.config}
+                "config": self.config, "export": self.export}
 
     @classmethod
     def from_dict(cls, d: Any) -> "RunRecord":
@@ -170,7 +177,7 @@ class RunRecord:
             raise ValueError("status ok without settings and results")
         return cls(settings=settings, status=d["status"], error=d.get("error"), results=results,
                    timings_s=d.get("timings_s") or {}, cache=d.get("cache") or {}, reference=d.get("reference"),
-                   config=d.get("config"))
+                   config=d.get("config"), export=d.get("export"))
 
 
 def error_text(err: BaseException) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -18,6 +19,7 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 
+from .latency import MAX_SPREAD, speedup_text
 from .outputs import METRICS_FILE, atomic_write, results_row, write_text
 from .papers import Reference, references_for
 from .record import AMOUNTS, FAILED, OK, RUNNING, RunRecord, config_columns, is_setting_column
@@ -33,6 +35,7 @@ MD_COLUMNS = {  # results.csv column -> results.md header
     "base_top1": "base top-1", "top1_before_finetune": "top-1 pruned", "pruned_top1": "top-1 final",
     "top1_drop": "top-1 drop", "pruned_MACs_M": "MACs (M)", "MACs_reduction_%": "MACs ↓%",
     "pruned_params_M": "params (M)", "params_reduction_%": "params ↓%", "speedup_b1": "speedup b1",
+    "speedup_b64": "speedup b64", "onnx_speedup_b1": "ONNX speedup b1", "onnx_speedup_b64": "ONNX speedup b64",
     "time_score_s": "score s", "time_total_s": "total s",
 }
 # Setting columns a series label always shows in its own words (the scorer, its similarity metric, the
@@ -172,10 +175,13 @@ def results_markdown(df: pd.DataFrame, plots: Sequence[Path] = ()) -> str:
     ok, failed, unfinished = ok_runs(df), failed_runs(df), unfinished_runs(df)
     parts = [f"# Results\n\n{len(ok)} finished run(s), {len(failed)} failed, {len(unfinished)} unfinished.\n"]
     if len(ok):
-        ok = ok.assign(series=series_labels(ok))
+        ok, untrusted = marked_speedups(ok.assign(series=series_labels(ok)))
         columns = [c for c in MD_COLUMNS if c in ok.columns and ok[c].notna().any()]
         table = ok[["run", *columns]].rename(columns=MD_COLUMNS)
         parts.append(markdown_table(table))
+        if untrusted:
+            parts.append(f"(x)? = untrusted speed-up: a latency spread (IQR / median) above {MAX_SPREAD:g}, the "
+                         "machine was too busy for the ratio to be a result; rerun on a quieter one.\n")
         parts.append(time_summary(ok))
         by_ratio = ratio_table(ok)
         if len(by_ratio):
@@ -194,6 +200,21 @@ def results_markdown(df: pd.DataFrame, plots: Sequence[Path] = ()) -> str:
         parts.append(markdown_table(unfinished[["run", "overrides"]]))
     parts += [f"![{p.stem}]({p.name})\n" for p in plots]
     return "\n".join(parts)
+
+
+def marked_speedups(ok: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
+    """The speed-up columns as text, an untrusted one marked ``(x)?`` (its ``speedup_trusted_*`` column
+    false); and whether any was. Runs recorded without the trust flag keep their plain figure."""
+    out, untrusted = ok.copy(), False
+    for column in ok.columns:
+        match = re.fullmatch(r"((?:onnx_)?)speedup_(b\d+)", column)
+        flag = f"{match[1]}speedup_trusted_{match[2]}" if match else None
+        if flag not in ok.columns:
+            continue
+        trusted = ok[flag].map(lambda t: bool(pd.isna(t) or t))
+        untrusted |= bool((~trusted & ok[column].notna()).any())
+        out[column] = [None if pd.isna(v) else speedup_text(v, t) for v, t in zip(ok[column], trusted)]
+    return out, untrusted
 
 
 def ratio_table(ok: pd.DataFrame) -> pd.DataFrame:

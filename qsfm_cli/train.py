@@ -223,7 +223,8 @@ def _correct(model: nn.Module, loader: DeviceLoader | TorchvisionLoader, device:
 
 def train(model: nn.Module, train_set: ImageSet | FolderSet, test_set: ImageSet | FolderSet | None,
           recipe: TrainRecipe, *, device: str | torch.device, seed: int, execution: Execution | None = None,
-          run_dir: Path | None = None, resume: bool = False, progress: bool = True) -> TrainResult:
+          run_dir: Path | None = None, resume: bool = False, progress: bool = True,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train ``model`` in place following ``recipe``, run as ``execution`` says (default ``Execution()``);
     see the module docstring for checkpoints.
 
@@ -234,7 +235,8 @@ def train(model: nn.Module, train_set: ImageSet | FolderSet, test_set: ImageSet 
     and raises ``KeyboardInterrupt``; a second signal stops at once. A NaN/inf loss raises
     ``NonFiniteLossError`` naming the epoch and step; the in-memory weights are then those of the failing
     step, the checkpoint those of the last good epoch. Under a multi-process launcher every rank calls
-    this with the same arguments and the same run directory.
+    this with the same arguments and the same run directory. ``on_epoch`` (an experiment logger's hook) gets
+    each epoch's row on rank 0, once the row is in ``train_log.csv``.
     """
     if recipe.epochs == 0:
         return TrainResult()
@@ -249,7 +251,7 @@ def train(model: nn.Module, train_set: ImageSet | FolderSet, test_set: ImageSet 
         trainer = _Trainer(model, train_set, test_set, recipe, execution, device=device, seed=seed,
                            run_dir=run_dir, progress=progress, ctx=ctx)
         try:
-            return trainer.run(resume=resume, interrupted=interrupted)
+            return trainer.run(resume=resume, interrupted=interrupted, on_epoch=on_epoch)
         finally:
             model.to(memory_format=torch.contiguous_format)
 
@@ -329,7 +331,8 @@ class _Trainer:
     def state_path(self) -> Path | None:
         return self.run_dir / STATE_FILE if self.run_dir is not None else None
 
-    def run(self, *, resume: bool, interrupted: threading.Event) -> TrainResult:
+    def run(self, *, resume: bool, interrupted: threading.Event,
+            on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
         start_epoch, step, sums = 0, 0, None
         if resume:
             start_epoch, step, sums = self._load()
@@ -340,6 +343,8 @@ class _Trainer:
             self.history.append(row)
             self._save(epoch + 1, 0, None)
             self._write_log()
+            if self.ctx.is_main and on_epoch is not None:
+                on_epoch(dict(row))
             if self.ctx.is_main:
                 log.info("epoch %d/%d  lr %.4g  loss %.4f  train top-1 %.2f%%  test top-1 %s  (%.1f s)",
                          epoch + 1, self.recipe.epochs, row["lr"], row["loss"], row["train_top1"],

@@ -179,8 +179,8 @@ def test_a_sweep_is_one_experiment_with_one_run_per_job(tmp_path):
 def test_config_group_builds_each_logger(option, tmp_path):
     pytest.importorskip({"csv": "csv", "tensorboard": "tensorboard", "mlflow": "mlflow"}[option])
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        many = compose("config", overrides=["+logger=many_loggers"]).logger
-        one = compose("config", overrides=[f"+logger={option}"]).logger
+        many = compose("config", overrides=["logger=many_loggers"]).logger
+        one = compose("config", overrides=[f"logger={option}"]).logger
     assert set(many) == {"csv", "tensorboard", "mlflow"} and list(one) == [option]
     logger = instantiate(one[option], save_dir=str(tmp_path))
     assert logger.name == option and logger.save_dir.resolve() == tmp_path.resolve()
