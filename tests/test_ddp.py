@@ -25,13 +25,13 @@ from qsfm_cli.app import config_dir
 from qsfm_cli.data import load_dataset
 from qsfm_cli.loaders import DeviceLoader, TorchvisionLoader, shard_positions
 from qsfm_cli.models import create_model
-from qsfm_cli.train import LOG_FILE, STATE_FILE, TrainRecipe, train
+from qsfm_cli.train import LOG_FILE, STATE_FILE, Execution, TrainRecipe, train
 
 from .test_sweep import no_submission  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = TrainRecipe(epochs=2, batch_size=16, lr=0.05, amp="none", channels_last=False, weight_decay=5e-4,
-                     momentum=0.9, schedule="cosine")
+RECIPE = TrainRecipe(epochs=2, batch_size=16, lr=0.05, weight_decay=5e-4, momentum=0.9, schedule="cosine")
+EXECUTION = Execution(amp="none", channels_last=False)
 
 
 def data():
@@ -75,16 +75,18 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     out_dir = Path(out)
     train_set, test_set = data()
-    train(Net(), train_set, test_set, RECIPE, device="cpu", seed=0, run_dir=out_dir / f"own{rank}", progress=False)
+    train(Net(), train_set, test_set, RECIPE, execution=EXECUTION, device="cpu", seed=0, run_dir=out_dir / f"own{rank}",
+          progress=False)
     train_mod._SYNC_EVERY = 2            # ranks meet every 2 steps: the stop lands mid-epoch
     shared = out_dir / "shared"
     try:
-        train(Net(sigterm_at=3 if rank == 1 else None), train_set, test_set, RECIPE, device="cpu", seed=0,
-              run_dir=shared, progress=False)
+        train(Net(sigterm_at=3 if rank == 1 else None), train_set, test_set, RECIPE, execution=EXECUTION, device="cpu",
+              seed=0, run_dir=shared, progress=False)
         (out_dir / f"finished{rank}").touch()
     except KeyboardInterrupt as err:
         (out_dir / f"interrupted{rank}").write_text(str(err))
-    train(Net(), train_set, test_set, RECIPE, device="cpu", seed=0, run_dir=shared, resume=True, progress=False)
+    train(Net(), train_set, test_set, RECIPE, execution=EXECUTION, device="cpu", seed=0, run_dir=shared, resume=True,
+          progress=False)
     torch.distributed.destroy_process_group()
 
 
@@ -116,7 +118,7 @@ def ddp_runs(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                 # as each rank: the same float rounding, and a shared machine
     try:
-        train(Net(), *data(), RECIPE, device="cpu", seed=0, run_dir=single, progress=False)
+        train(Net(), *data(), RECIPE, execution=EXECUTION, device="cpu", seed=0, run_dir=single, progress=False)
     finally:
         torch.set_num_threads(threads)
     return out, single
@@ -193,7 +195,7 @@ def test_too_few_images_for_one_global_batch_is_one_line(monkeypatch):
     train_set, _ = data()
     with pytest.raises(ValueError, match="data-parallel training needs at least one full batch: 10 training "
                                          "images, batch_size=16"):
-        train(Net(), train_set.subset(range(10)), None, RECIPE, device="cpu", seed=0, progress=False)
+        train(Net(), train_set.subset(range(10)), None, RECIPE, execution=EXECUTION, device="cpu", seed=0, progress=False)
 
 
 def test_cuda_index_other_than_the_local_rank_is_refused():
@@ -265,7 +267,7 @@ def test_torchrun_ranks_share_one_run_dir(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
            str(runner), "experiment=smoke", "device=cpu", "save_model=false", "baseline.train=false",
            f"model.checkpoint={weights}", "finetune=short",
-           "finetune.epochs=1", "finetune.batch_size=32", "finetune.amp=none", f"cache.dir={tmp_path / 'cache'}",
+           "finetune.epochs=1", "finetune.batch_size=32", "execution.amp=none", f"cache.dir={tmp_path / 'cache'}",
            f"hydra.run.dir={runs}/" + "${qsfm_now:%H-%M-%S-%f}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

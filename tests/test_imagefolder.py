@@ -20,7 +20,7 @@ from qsfm_cli.models import create_model
 from qsfm_cli.plan import PlanSpec, make_keep
 from qsfm_cli.pruning import apply_keep, channel_sets
 from qsfm_cli.scoring import get_scorer
-from qsfm_cli.train import STATE_FILE, TrainRecipe, train
+from qsfm_cli.train import STATE_FILE, Execution, TrainRecipe, train
 
 CLASSES = ("n02", "n01", "n03")          # sorted: n01, n02, n03
 COLOURS = {"n01": (220, 40, 40), "n02": (40, 200, 60), "n03": (50, 60, 210)}
@@ -229,8 +229,9 @@ def prune_finetune_evaluate(model_name: str, splits, run_dir: Path, scorer: str 
     orders = chosen.score(model, sets, stats)
     keep, _ = make_keep(orders, sets, PlanSpec(ratio=0.5))
     pruned = apply_keep(model, keep, example)
-    recipe = TrainRecipe(epochs=1, batch_size=8, lr=0.01, amp="none", num_workers=0)
-    result = train(pruned, train_set, val_set, recipe, device="cpu", seed=0, run_dir=run_dir, progress=False)
+    recipe = TrainRecipe(epochs=1, batch_size=8, lr=0.01)
+    result = train(pruned, train_set, val_set, recipe, device="cpu", seed=0, run_dir=run_dir, progress=False,
+                   execution=Execution(amp="none", num_workers=0))
     top1, top5 = accuracy(pruned, val_set, batch_size=8)
     return dict(model=model, pruned=pruned, result=result, top1=top1, top5=top5, example=example)
 

@@ -80,8 +80,8 @@ class Blockwise(Sequential):
 
     name = "blockwise"
     batch_size: int = 64
-    steps: int = 300
-    lr: float = 1e-3
+    steps: int = 200
+    lr: float = 3e-3
 
     def __post_init__(self) -> None:
         super().__post_init__()
