@@ -58,6 +58,8 @@ def build(node: DictConfig, **kwargs):
 
 def job_slot() -> int:
     """The job's number within its sweep (0 for a single run): which GPU ``device=auto`` gives it."""
+    if not HydraConfig.initialized():     # composed by hand (hydra.compose): no job around it
+        return 0
     hydra = HydraConfig.get()
     return hydra.job.num if hydra.mode == RunMode.MULTIRUN else 0
 
@@ -66,19 +68,21 @@ def plain(node: DictConfig) -> Any:
     return OmegaConf.to_container(node, resolve=True)
 
 
-def build_loggers(cfg: DictConfig) -> Loggers | None:
+def build_loggers(cfg: DictConfig, run_dir: Path) -> Loggers | None:
     """The ``logger`` group's loggers as one (``None`` when it names none); built on rank 0 only, the
-    one that tracks the run."""
+    one that tracks the run. A logger whose ``save_dir`` is null writes into the run directory."""
     nodes = cfg.get("logger") or {}
     if not nodes or not distributed.current().is_main:
         return None
-    return Loggers([build(node) for node in nodes.values()])
+    return Loggers([build(node, **({"save_dir": str(run_dir)} if node.get("save_dir", "") is None else {}))
+                    for node in nodes.values()])
 
 
 def run_name(run_dir: Path) -> str:
     """The logger's name of the job: Hydra's override dirname (in a sweep, what varied), else the run
     directory's name."""
-    return HydraConfig.get().job.override_dirname or run_dir.name
+    dirname = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
+    return dirname or run_dir.name
 
 
 def build_experiment(cfg: DictConfig, run_dir: Path) -> Experiment:
@@ -122,7 +126,7 @@ def build_experiment(cfg: DictConfig, run_dir: Path) -> Experiment:
         progress=cfg.progress,
         dataset_options={k: v for k, v in plain(cfg.dataset).items() if k not in config.DATA_ACCESS_KEYS},
         config=container(cfg),
-        logger=build_loggers(cfg),
+        logger=build_loggers(cfg, run_dir),
         run_name=run_name(run_dir),
         **specs,
     )
