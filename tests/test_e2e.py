@@ -9,6 +9,7 @@ import qsfm_cli
 from qsfm_cli.app import build_experiment, config_dir
 from qsfm_cli.models import create_model, list_models
 from qsfm_cli.record import RunRecord
+from qsfm_cli.recover import list_recoveries
 from qsfm_cli.pipeline import run_experiment
 
 from .conftest import qsfm_run
@@ -75,7 +76,7 @@ def test_same_config_prunes_the_same_channels(tmp_path):
     ("prune.ratio=1.5", "1.5"),
     ("model.checkpoint=missing.pt", "checkpoint 'missing.pt' not found"),
     ("device=cuda:7", "device 'cuda:7'"),
-    ("recover.name=foo", "unknown recover.name 'foo'; accepted: lstsq, none, twin"),
+    ("recover.name=foo", f"unknown recover.name 'foo'; accepted: {', '.join(list_recoveries())}"),
     ("recover.iterative_steps=0", "recover.iterative_steps=0"),
     ("recover.bn_images=1", "recover.bn_images=1"),
     ("recover=lstsq recover.ridge=-1", "recover.ridge=-1.0; must be >= 0"),
