@@ -32,7 +32,7 @@ from .pruning import apply_keep, channel_sets
 from .record import FAILED, OK, Results, RunRecord, Settings, error_text
 from .recover import Recovery, RecoverySpec, recalibrate_bn
 from .scoring import Scorer, StatRequest, threshold_scorers
-from .train import Execution, TrainRecipe, train
+from .train import Execution, TrainRecipe, check_resumable, train
 from .types import ChannelSet, Keep, LayerStats, Order, Orders
 
 if TYPE_CHECKING:
@@ -276,11 +276,15 @@ def merge_stats(raws: Iterable[dict[str, dict]]) -> dict[str, LayerStats]:
     return {name: LayerStats(**fields) for name, fields in merged.items()}
 
 
+def has_fold(method: Recovery) -> bool:
+    return type(method).fold is not Recovery.fold
+
+
 def folded(method: Recovery, model: nn.Module, sets: list[ChannelSet], stats: dict[str, LayerStats],
            orders: Orders, keep: Keep, status: dict[str, str] | None = None) -> nn.Module:
     """A copy of ``model`` with the method's fold applied for ``keep`` (``model`` itself when the method
     has no fold); what the fold did per set goes into ``status``."""
-    if type(method).fold is Recovery.fold:
+    if not has_fold(method):
         return model
     edited = copy.deepcopy(model)
     done = method.fold(edited, sets, stats, orders, keep)
@@ -304,8 +308,13 @@ def plan_stage(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats: 
 
     loss_of = heldout_loss(exp.train_set, plan.sensitivity_images, skip=exp.collect.num_images, seed=exp.seed,
                            device=exp.device)
+    # The table depends on the recovery only through its fold; a refit is not in force there (one per entry).
+    fold = (method.name, method.options()) if has_fold(method) else None
+    if fold is None and method.name != "none":
+        log.info("sensitivity: each set pruned alone without repair; recover=%s refits only the final plan",
+                 method.name)
     key = fingerprint("sensitivity", orders_key, plan.sensitivity_grid, plan.sensitivity_images,
-                      plan.min_channels, plan.round_to, method.name, method.options())
+                      plan.min_channels, plan.round_to, fold)
     sensitivity = ctx.cached("sensitivity", key, lambda: measure_sensitivity(
         sets, orders, plan.sensitivity_grid, prune_fn, loss_of, MacsMeter(model, example), plan.min_channels,
         round_to=plan.round_to, progress=exp.progress))
@@ -435,6 +444,8 @@ def run_experiment(exp: Experiment) -> RunRecord:
     fine-tuning epoch, the final record's numbers, the saved model files as artifacts, and the status it
     ended with, failed or interrupted included."""
     outputs.refuse_finished(Path(exp.run_dir))
+    if exp.resume and exp.finetune.epochs > 0:
+        check_resumable(Path(exp.run_dir), exp.finetune, exp.seed)
     logger = exp.logger if distributed.current().is_main else None
     if logger is None:
         return _run_and_record(exp, None)

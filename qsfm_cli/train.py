@@ -3,9 +3,10 @@
 SGD (momentum, optional Nesterov, weight decay), cross-entropy with optional label smoothing, a per-step
 schedule (``step`` milestones or ``cosine``, both with optional linear warm-up), mixed precision,
 channels_last and the device-resident data path. Long runs are safe: a checkpoint is written atomically
-after every epoch (and on Ctrl-C or SIGTERM, mid-epoch), ``resume=True`` continues bit-for-bit where the run
-stopped (data order and augmentation are functions of ``(seed, epoch)``, RNG states are saved), and a
-NaN/inf loss stops the run without touching the last good checkpoint.
+after every epoch (and on Ctrl-C, SIGTERM or submitit's pre-emption signal, mid-epoch; submitit then requeues
+the job), ``resume=True`` continues bit-for-bit where the run stopped (data order and augmentation are
+functions of ``(seed, epoch)``, RNG states are saved), and a NaN/inf loss stops the run without touching the
+last good checkpoint.
 
 Under a multi-process launcher (torchrun, or Hydra's submitit launcher on SLURM; see
 ``qsfm_cli.distributed``) the same loop trains data-parallel: each rank reads its share of every global
@@ -508,18 +509,30 @@ class _Trainer:
         if state.get("start") != self.start_key:
             raise ValueError(f"cannot resume from {path}: it was written for a different model (other weights, "
                              f"channels or scorer); use another run directory, or set resume=false to start over")
-        ours = self.recipe.to_dict()
-        changed = sorted(k for k in ours.keys() | state["recipe"].keys() if ours.get(k) != state["recipe"].get(k))
-        if changed or state["seed"] != self.seed:
-            what = ", ".join(f"{k}: {state['recipe'].get(k)!r} -> {ours.get(k)!r}" for k in changed)
-            if state["seed"] != self.seed:
-                what = ", ".join(filter(None, [what, f"seed: {state['seed']} -> {self.seed}"]))
-            raise ValueError(f"cannot resume from {path}: it was written with a different recipe ({what}); "
-                             f"restore those values, or set resume=false to start over")
+        _check_recipe(state, path, self.recipe, self.seed)
 
     def _write_log(self) -> None:
         if self.run_dir is not None and self.ctx.is_main:
             atomic_write(self.run_dir / LOG_FILE, lambda f: f.write(_csv_text(self.history).encode()))
+
+
+def check_resumable(run_dir: Path, recipe: TrainRecipe, seed: int) -> None:
+    """Refuse, before any pipeline work, a resume whose saved fine-tuning state in ``run_dir`` was written
+    with another recipe or seed (whether it continues the same pruned model is known only once it exists)."""
+    path = Path(run_dir) / STATE_FILE
+    if path.is_file():
+        _check_recipe(torch.load(path, map_location="cpu", weights_only=True), path, recipe, seed)
+
+
+def _check_recipe(state: Mapping[str, Any], path: Path, recipe: TrainRecipe, seed: int) -> None:
+    ours, theirs = recipe.to_dict(), state["recipe"]
+    changed = [f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(ours.keys() | theirs.keys())
+               if ours.get(k) != theirs.get(k)]
+    if state["seed"] != seed:
+        changed.append(f"seed: {state['seed']} -> {seed}")
+    if changed:
+        raise ValueError(f"cannot resume from {path}: it was written with a different recipe "
+                         f"({', '.join(changed)}); restore those values, or set resume=false to start over")
 
 
 def _csv_text(rows: list[dict[str, Any]]) -> str:
@@ -557,27 +570,43 @@ def _determinism(enabled: bool, device: torch.device) -> Iterator[None]:
         torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
 
 
+def _preempt_signal() -> signal.Signals | None:
+    """The signal a job manager sends before it pre-empts or times out a job and whose handler requeues
+    it: submitit's (``SUBMITIT_PREEMPT_SIGNAL``, USR2 by default), when it is set up in this process."""
+    sig = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+    if sig is None or not callable(signal.getsignal(sig)):
+        return None
+    return sig
+
+
 @contextlib.contextmanager
 def _stop_flag() -> Iterator[threading.Event]:
     """Turn the first Ctrl-C or SIGTERM (what SLURM and torchrun send before killing a job) into a flag the
     loop checks between steps, so a checkpoint is never taken half-way through an optimizer step; a second
-    signal interrupts at once."""
+    signal interrupts at once. A job manager's pre-emption signal (submitit's) stops the loop the same way
+    and is then handed to the manager's own handler, which requeues the job once the checkpoint is saved."""
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
+    preempted: list[int] = []
 
     def handler(signum, frame) -> None:
         if flag.is_set():
             raise KeyboardInterrupt
         flag.set()
+        if signum == preempt:
+            preempted.append(signum)
         log.warning("%s: stopping after this step and saving a checkpoint (send it again to abort now)",
                     "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
 
-    signals = (signal.SIGINT, signal.SIGTERM)
+    preempt = _preempt_signal()
+    signals = (signal.SIGINT, signal.SIGTERM) + ((preempt,) if preempt is not None else ())
     previous = [signal.signal(s, handler) for s in signals]
     try:
         yield flag
     finally:
         for s, handler_before in zip(signals, previous):
             signal.signal(s, handler_before)
+        if preempted:
+            signal.getsignal(preempted[0])(preempted[0], None)

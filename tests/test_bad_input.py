@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from qsfm_cli import outputs, pipeline, report
@@ -127,6 +128,20 @@ def test_rerun_into_a_finished_run_dir_is_refused(finished: Path) -> None:
     assert proc.returncode == 2
     assert (finished / "metrics.json").read_bytes() == before
     assert not (finished / "train_state.pt").exists()
+
+
+def test_resume_with_another_seed_is_refused_before_any_work(tmp_path: Path) -> None:
+    run = tmp_path / "run"           # an unfinished run: a fine-tuning state, no finished record
+    run.mkdir()
+    torch.save({"recipe": {}, "seed": 0}, run / "train_state.pt")
+    proc = qsfm_run(*SMOKE, f"hydra.run.dir={run}", f"cache.dir={tmp_path / 'cache'}", "resume=true", "seed=1",
+                    "finetune=short", cwd=tmp_path)
+    line = one_line(proc)
+    assert line.startswith(f"qsfm-run: error: cannot resume from {run / 'train_state.pt'}: it was written with "
+                           "a different recipe (")
+    assert "seed: 0 -> 1" in line
+    assert proc.returncode == 2
+    assert not (tmp_path / "cache").exists()    # refused before the baseline, collection or anything else
 
 
 def test_a_value_holding_a_slash_stays_inside_the_sweep_dir(tmp_path: Path) -> None:

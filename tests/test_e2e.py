@@ -131,6 +131,17 @@ def test_sensitivity_table_is_cached_with_the_scores(tmp_path):
     assert first.timings_s["plan"] > first.timings_s["prune"]
 
 
+def test_sensitivity_table_is_shared_by_recoveries_without_a_fold(tmp_path):
+    """A refit is not in force in the table, so recoveries that only refit (and none) measure the same one."""
+    overrides = ("prune=sensitivity", "prune.target_macs_reduction=0.3", "prune.sensitivity_grid=[0.25,0.5]",
+                 "prune.sensitivity_images=32")
+    runs = [run_experiment(experiment(tmp_path, *overrides, *extra, run=str(i))) for i, extra in
+            enumerate([("recover=none",), ("recover=sequential", "recover.images=32"),
+                       ("recover=blockwise", "recover.images=32", "recover.steps=2")])]
+    assert [r.cache["sensitivity"] for r in runs] == ["miss", "hit", "hit"]
+    assert runs[0].results.kept_channels == runs[1].results.kept_channels == runs[2].results.kept_channels
+
+
 def test_atomic_writes_leave_readable_files_and_no_temp_files(tmp_path):
     from qsfm_cli.outputs import write_json
 

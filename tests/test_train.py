@@ -40,10 +40,11 @@ def tiny_net(seed: int = 0) -> nn.Module:
 class Wrapped(nn.Module):
     """``tiny_net`` plus a hook on the n-th training forward: a Ctrl-C, or NaN logits from then on."""
 
-    def __init__(self, seed: int = 0, sigint_at: int | None = None, nan_from: int | None = None):
+    def __init__(self, seed: int = 0, sigint_at: int | None = None, nan_from: int | None = None,
+                 signum: int = signal.SIGINT):
         super().__init__()
         self.net = tiny_net(seed)
-        self.sigint_at, self.nan_from, self.calls = sigint_at, nan_from, 0
+        self.sigint_at, self.nan_from, self.signum, self.calls = sigint_at, nan_from, signum, 0
         self.on_first_nan = lambda: None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +53,7 @@ class Wrapped(nn.Module):
             return out
         self.calls += 1
         if self.calls == self.sigint_at:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(self.signum)
         if self.nan_from is not None and self.calls >= self.nan_from:
             if self.calls == self.nan_from:
                 self.on_first_nan()
@@ -132,6 +133,39 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(data, tmp_path, sigint_at
     for row_a, row_b in zip(log_a, log_b, strict=True):
         assert {k: row_a[k] for k in ("epoch", "lr", "loss", "train_top1", "test_top1")} == \
                {k: row_b[k] for k in ("epoch", "lr", "loss", "train_top1", "test_top1")}
+
+
+def test_preemption_saves_then_hands_over_to_submitit_and_the_requeued_job_resumes(data, tmp_path, monkeypatch):
+    """submitit's pre-emption handler (here a stand-in that, like submitit's, requeues and exits) runs only
+    once the mid-epoch checkpoint is on disk; the requeued job, run with resume=true, ends as if never
+    stopped."""
+    train_set, test_set = data
+    recipe = TrainRecipe(epochs=2, **FAST)
+    reference = Wrapped()
+    train(reference, train_set, test_set, recipe, device="cpu", seed=1, run_dir=tmp_path / "a", progress=False)
+
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    requeued = []
+
+    def submitit_handler(signum, frame):
+        state = torch.load(tmp_path / "b" / STATE_FILE, weights_only=True)
+        requeued.append((signal.Signals(signum).name, state["epoch"], state["step"]))
+        raise SystemExit(-1)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        with pytest.raises(SystemExit):
+            train(Wrapped(sigint_at=4, signum=signal.SIGUSR2), train_set, test_set, recipe, device="cpu", seed=1,
+                  run_dir=tmp_path / "b", progress=False)
+        assert signal.getsignal(signal.SIGUSR2) is submitit_handler
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert requeued == [("SIGUSR2", 0, 4)]
+
+    resumed = Wrapped()
+    train(resumed, train_set, test_set, recipe, device="cpu", seed=1, run_dir=tmp_path / "b", resume=True,
+          progress=False)
+    assert_same_weights(weights(reference), weights(resumed))
 
 
 def test_resume_of_finished_run_loads_weights(data, tmp_path):
