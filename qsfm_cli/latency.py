@@ -14,7 +14,7 @@ import itertools
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -189,24 +189,6 @@ def model_latency(model: nn.Module, batch: int, *, device: str | torch.device = 
 
 
 # ------------------------------------------------------------------------------------------ reporting
-
-def latency_columns(pairs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Results-row columns of ``PairLatency.to_dict()`` records (as kept in ``metrics.json``).
-
-    Per batch ``b``: ``base_latency_b{b}_ms``, ``pruned_latency_b{b}_ms``, ``speedup_b{b}`` (empty when
-    untrusted), ``speedup_b{b}_untrusted`` (the untrusted ratio, else empty) and ``latency_spread_b{b}``
-    (the larger spread); ONNX Runtime's columns carry an ``ort_`` prefix.
-    """
-    row: dict[str, Any] = {}
-    for p in pairs:
-        prefix, b = ("" if p["runtime"] == "torch" else "ort_"), f"b{p['batch']}"
-        row[f"{prefix}base_latency_{b}_ms"] = round(p["base_ms"], 3)
-        row[f"{prefix}pruned_latency_{b}_ms"] = round(p["pruned_ms"], 3)
-        row[f"{prefix}speedup_{b}"] = round(p["speedup"], 3) if p["trusted"] else None
-        row[f"{prefix}speedup_{b}_untrusted"] = None if p["trusted"] else round(p["speedup"], 3)
-        row[f"{prefix}latency_spread_{b}"] = round(max(p["base_spread"], p["pruned_spread"]), 3)
-    return row
-
 
 def format_pairs(pairs: Sequence[PairLatency]) -> str:
     """A text table of the pairs, untrusted speed-ups marked, with the legend below."""

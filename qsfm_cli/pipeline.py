@@ -266,14 +266,14 @@ def merge_stats(raws: Iterable[dict[str, dict]]) -> dict[str, LayerStats]:
     """One ``LayerStats`` per set from several collections of it (fields filled in any of them)."""
     merged: dict[str, dict] = {}
     for raw in raws:
-        for name, fields in raw.items():
-            into = merged.setdefault(name, dict(fields))
-            for key, value in fields.items():
+        for name, entries in raw.items():
+            into = merged.setdefault(name, dict(entries))
+            for key, value in entries.items():
                 if isinstance(value, dict):
                     into[key] = {**into[key], **value}
                 elif into[key] is None:
                     into[key] = value
-    return {name: LayerStats(**fields) for name, fields in merged.items()}
+    return {name: LayerStats(**entries) for name, entries in merged.items()}
 
 
 def has_fold(method: Recovery) -> bool:

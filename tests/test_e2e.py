@@ -142,6 +142,19 @@ def test_sensitivity_table_is_shared_by_recoveries_without_a_fold(tmp_path):
     assert runs[0].results.kept_channels == runs[1].results.kept_channels == runs[2].results.kept_channels
 
 
+def test_sensitivity_allocation_takes_stage_channels_with_scope_all(tmp_path):
+    """prune.scope=all puts the residual streams into the table and the allocation (QSFM's profile: params
+    can fall faster than MACs), and blockwise tunes the blocks around the streams it cannot refit alone."""
+    record = run_experiment(experiment(tmp_path, "prune=sensitivity", "prune.scope=all",
+                                       "prune.target_macs_reduction=0.4", "prune.sensitivity_grid=[0.25,0.5]",
+                                       "prune.sensitivity_images=32", "recover=blockwise", "recover.images=32",
+                                       "recover.steps=2"))
+    stage = {"conv1", "layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv2"}   # stem and stage outputs
+    assert stage <= set(record.results.plan["sensitivity"]["layers"]) and stage <= set(record.results.plan["ratios"])
+    assert stage <= set(record.results.kept_channels)
+    assert all(record.results.recovery[name].startswith("skipped: its map is not read") for name in stage)
+
+
 def test_atomic_writes_leave_readable_files_and_no_temp_files(tmp_path):
     from qsfm_cli.outputs import write_json
 

@@ -4,8 +4,8 @@ import torch
 
 from qsfm_cli.data import load_dataset
 from qsfm_cli.evaluate import evaluate_pair
-from qsfm_cli.latency import (MAX_SPREAD, PairLatency, format_pairs, interleaved_times, latency_columns,
-                              measure_pair, spread, summarize_pair)
+from qsfm_cli.latency import (MAX_SPREAD, PairLatency, format_pairs, interleaved_times, measure_pair, spread,
+                              summarize_pair)
 from qsfm_cli.models import create_model
 from qsfm_cli.pruning import apply_keep, channel_sets
 
@@ -92,10 +92,6 @@ def test_bad_settings_fail_before_any_work(pair, kwargs, message):
 def test_untrusted_speedups_are_marked_not_reported():
     trusted = PairLatency("torch", 1, None, 2.0, 1.0, 0.05, 0.04, 2.0, True, MAX_SPREAD, 20)
     untrusted = PairLatency("onnxruntime", 64, 4, 430.7, 1.0, 0.9, 0.04, 430.7, False, MAX_SPREAD, 20)
-    row = latency_columns([trusted.to_dict(), untrusted.to_dict()])
-    assert row["speedup_b1"] == 2.0 and row["speedup_b1_untrusted"] is None
-    assert row["ort_speedup_b64"] is None and row["ort_speedup_b64_untrusted"] == 430.7
-    assert row["ort_latency_spread_b64"] == 0.9 and row["base_latency_b1_ms"] == 2.0
     assert trusted.speedup_text() == "2.00" and untrusted.speedup_text() == "(430.70)?"
     table = format_pairs([trusted, untrusted])
     assert "(430.70)?" in table and "untrusted" in table.splitlines()[-1]

@@ -48,11 +48,14 @@ def grid(grid_run: tuple[Path, subprocess.CompletedProcess]) -> Path:
     return grid_run[0]
 
 
-@pytest.fixture(scope="module")
-def parallel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """A ratio sweep of QSFM through the joblib launcher, two jobs at once, on a fresh cache."""
+@pytest.fixture(scope="module", params=[("hydra/launcher=joblib_local",),
+                                        ("hydra/launcher=gpu_shared", "hydra.launcher.n_jobs=2", "device=auto")],
+                ids=["joblib_local", "gpu_shared"])
+def parallel(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A ratio sweep of QSFM through a joblib launcher, two jobs at once, on a fresh cache; ``gpu_shared``
+    (several jobs per GPU) with the per-job device choice it is meant for, which is the CPU here."""
     tmp = tmp_path_factory.mktemp("parallel")
-    proc = sweep(tmp, "hydra/launcher=joblib_local", "scorer=qsfm", "prune.ratio=0.3,0.5",
+    proc = sweep(tmp, *request.param, "scorer=qsfm", "prune.ratio=0.3,0.5",
                  f"hydra.sweep.dir={tmp / 'sweep'}", f"cache.dir={tmp / 'cache'}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp / "sweep", proc.stdout + proc.stderr
@@ -103,6 +106,7 @@ def test_joblib_runs_the_ratio_sweep_in_parallel_and_collects_once(parallel: tup
     sweep, output = parallel
     jobs = list(job_dirs(sweep).values())
     assert len(jobs) == 2 and all(metrics_of(j)["status"] == "ok" for j in jobs)
+    assert sorted(metrics_of(j)["config"]["prune"]["ratio"] for j in jobs) == [0.3, 0.5]   # each in its own dir
     assert "Joblib.Parallel(n_jobs=2" in output
     # both jobs were running at once: each started (Hydra wrote its config) before the other finished
     spans = [((j / ".hydra" / "config.yaml").stat().st_mtime, (j / "metrics.json").stat().st_mtime) for j in jobs]
