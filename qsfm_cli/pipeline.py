@@ -217,7 +217,10 @@ def collect_and_score(model: nn.Module, sets: list[ChannelSet], exp: Experiment,
     content_key = fingerprint(model_fingerprint(model), images.images, images.mean, images.std,
                               [asdict(s) for s in sets])
     scorer_requests = set(exp.scorer.requests())
-    groups = [g for g in (scorer_requests, set(exp.recovery.method.requests())) if g]
+    recovery_requests = set(exp.recovery.method.requests())
+    if exp.plan.allocation == "sensitivity":
+        recovery_requests |= exp.recovery.method.sensitivity_fold().requests()
+    groups = [g for g in (scorer_requests, recovery_requests) if g]
     with ctx.stage("collect"):
         stats = cached_stats(model, sets, images, groups, content_key, exp, ctx, f"stats{suffix}")
 
@@ -296,31 +299,32 @@ def folded(method: Recovery, model: nn.Module, sets: list[ChannelSet], stats: di
 def plan_stage(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats: dict[str, LayerStats],
                orders_key: str, exp: Experiment, ctx: RunContext, example: torch.Tensor) -> dict[str, Any]:
     """Plan stage; returns the plan record (its ``removed`` counts drive the prune stage). A sensitivity
-    table is measured with the run's fold in force, once per scores, recovery and held-out slice, then
-    cached; MACs searches need no fold."""
+    table is measured with the fold of the run's recovery (``Recovery.sensitivity_fold``) in force, once per
+    scores, fold and held-out slice, then cached; MACs searches need no fold."""
     plan = exp.plan
     if plan.allocation != "sensitivity":
         return make_keep(orders, sets, plan, model=model, example_input=example)[1]
-    method = exp.recovery.method
+    method = exp.recovery.method.sensitivity_fold()
+    if method is not exp.recovery.method:
+        log.info("sensitivity: each set pruned alone with recover=%s's fold standing in for recover=%s",
+                 method.name, exp.recovery.method.name)
 
     def prune_fn(keep: Keep) -> nn.Module:
         return apply_keep(folded(method, model, sets, stats, orders, keep), keep, example)
 
     loss_of = heldout_loss(exp.train_set, plan.sensitivity_images, skip=exp.collect.num_images, seed=exp.seed,
                            device=exp.device)
-    # The table depends on the recovery only through its fold; a refit is not in force there (one per entry).
+    # The table depends on the recovery only through the fold in force there.
     fold = (method.name, method.options()) if has_fold(method) else None
-    if fold is None and method.name != "none":
-        log.info("sensitivity: each set pruned alone without repair; recover=%s refits only the final plan",
-                 method.name)
     key = fingerprint("sensitivity", orders_key, plan.sensitivity_grid, plan.sensitivity_images,
                       plan.min_channels, plan.round_to, fold)
     sensitivity = ctx.cached("sensitivity", key, lambda: measure_sensitivity(
         sets, orders, plan.sensitivity_grid, prune_fn, loss_of, MacsMeter(model, example), plan.min_channels,
         round_to=plan.round_to, progress=exp.progress))
     log.info("sensitivity (loss increase per ratio):\n%s", format_sensitivity(sensitivity))
-    return make_keep(orders, sets, plan, model=model, example_input=example, loss_of=loss_of,
-                     prune_fn=prune_fn, sensitivity=sensitivity)[1]
+    plan_info = make_keep(orders, sets, plan, model=model, example_input=example, loss_of=loss_of,
+                          prune_fn=prune_fn, sensitivity=sensitivity)[1]
+    return {**plan_info, "sensitivity_fold": method.name}
 
 
 def prune_and_recover(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats: dict[str, LayerStats],

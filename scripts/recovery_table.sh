@@ -13,7 +13,8 @@ common=(model=resnet56 "model.checkpoint=$ckpt" dataset=cifar10 "dataset.root=$d
 table=("${common[@]}" prune=target prune.target_macs_reduction=0.4827 scorer=qsfm,simscore,l1,fpgm,chip,random)
 qsfm-run -m "${table[@]}" "hydra.sweep.dir=$out/table" recover=none,sequential,blockwise
 qsfm-run -m "${table[@]}" "hydra.sweep.dir=$out/table_lstsq" recover=lstsq recover.bn_images=2048
+qsfm-run "${common[@]}" "hydra.run.dir=$out/best/headline" experiment=qsfm_resnet56_posttrain
 qsfm-run -m "${common[@]}" "hydra.sweep.dir=$out/best" experiment=qsfm_resnet56_posttrain \
-  prune.target_macs_reduction=0.3,0.4835,0.7
+  prune.target_macs_reduction=0.3,0.7
 python "$here/recovery_table.py" "$out" > "$out/recovery_table.md"
 cat "$out/recovery_table.md"

@@ -36,6 +36,7 @@ from ..models.resnet_cifar import BasicBlock
 from ..types import ChannelSet, Keep
 from . import register_recovery
 from .base import Recovery
+from .compensate import LeastSquares
 
 TARGETS = ("block", "layer")
 _NO_CONSUMER = ("its map is not read by plain conv/linear layers only (residual stream, concatenation or "
@@ -422,6 +423,12 @@ class Sequential(Recovery):
     @property
     def calibration_images(self) -> int:   # type: ignore[override]
         return self.images
+
+    def sensitivity_fold(self) -> Recovery:
+        # With one set pruned alone every layer before its consumers is intact, so refitting the consumers
+        # on the pruned prefix's inputs is lstsq's fold of that set (up to the residual gap of target=block,
+        # and fitted on the collected moments rather than on the calibration images).
+        return LeastSquares(ridge=self.ridge)
 
     def refit(self, original: nn.Module, pruned: nn.Module, sets: list[ChannelSet], keep: Keep,
               images: ImageSet, *, device: str | torch.device = "cpu", progress: bool = False) -> dict[str, str]:
