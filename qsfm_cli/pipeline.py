@@ -28,7 +28,7 @@ from .loaders import input_shape, make_loader
 from .models import create_model
 from .models.torchvision_models import load_pretrained
 from .plan import MacsMeter, PlanSpec, format_sensitivity, keep_from_counts, make_keep, measure_sensitivity
-from .pruning import apply_keep, channel_sets
+from .pruning import apply_keep, architecture, build_model, channel_sets
 from .record import FAILED, OK, Results, RunRecord, Settings, error_text
 from .recover import Recovery, RecoverySpec, recalibrate_bn
 from .scoring import Scorer, StatRequest, threshold_scorers
@@ -327,6 +327,25 @@ def plan_stage(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats: 
     return {**plan_info, "sensitivity_fold": method.name}
 
 
+def cached_prune_and_recover(model: nn.Module, sets: list[ChannelSet], orders: Orders,
+                             stats: dict[str, LayerStats], orders_key: str, removed: dict[str, int],
+                             exp: Experiment, ctx: RunContext, example: torch.Tensor
+                             ) -> tuple[nn.Module, dict[str, str]]:
+    """``prune_and_recover``, cached: the pruned model is stored as its checked architecture spec and weights
+    (``outputs.save_pruned``'s form), keyed by the scores, the plan, the recovery and the training images."""
+    key = fingerprint("recovered", orders_key, removed, exp.plan.scope, exp.recovery.describe(),
+                      asdict(exp.collect), exp.train_set.content_key(), exp.seed)
+
+    def compute() -> dict[str, Any]:
+        pruned, status = prune_and_recover(model, sets, orders, stats, removed, exp, ctx, example)
+        return {"architecture": architecture(pruned), "state_dict": pruned.state_dict(), "status": status}
+
+    entry = ctx.cached("recovered", key, compute)
+    pruned = build_model(entry["architecture"], entry["state_dict"])
+    pruned.load_state_dict(entry["state_dict"])
+    return pruned.to(exp.device).eval(), dict(entry["status"])
+
+
 def prune_and_recover(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats: dict[str, LayerStats],
                       removed: dict[str, int], exp: Experiment, ctx: RunContext, example: torch.Tensor
                       ) -> tuple[nn.Module, dict[str, str]]:
@@ -406,7 +425,8 @@ def run_stages(exp: Experiment, ctx: RunContext) -> tuple[Results, nn.Module]:
     orders, stats, orders_key = collect_and_score(model, sets, exp, ctx)
     with ctx.stage("plan"):
         plan_info = plan_stage(model, sets, orders, stats, orders_key, exp, ctx, example)
-    pruned, recovered = prune_and_recover(model, sets, orders, stats, plan_info["removed"], exp, ctx, example)
+    pruned, recovered = cached_prune_and_recover(model, sets, orders, stats, orders_key, plan_info["removed"], exp,
+                                                 ctx, example)
 
     with ctx.stage("evaluate"):
         base, after_prune, pairs = evaluate_stage(model, pruned, exp, ctx.cache)

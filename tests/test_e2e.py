@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_dir
 import qsfm_cli
 from qsfm_cli.app import build_experiment, config_dir
 from qsfm_cli.models import create_model, list_models
+from qsfm_cli.outputs import load_pruned
 from qsfm_cli.record import RunRecord
 from qsfm_cli.recover import list_recoveries
 from qsfm_cli.pipeline import run_experiment
@@ -159,6 +160,18 @@ def test_sensitivity_allocation_takes_stage_channels_with_scope_all(tmp_path):
     assert pruned and all(record.results.recovery[n].startswith("skipped: its map is not read") for n in pruned)
 
 
+def test_recovered_model_is_cached_and_served_with_the_same_weights(tmp_path):
+    overrides = ("scorer=l1", "recover=sequential", "recover.images=32", "save_model=true")
+    first = run_experiment(experiment(tmp_path, *overrides, run="a"))
+    second = run_experiment(experiment(tmp_path, *overrides, run="b"))
+    other = run_experiment(experiment(tmp_path, *overrides, "recover.ridge=0.01", run="c"))
+    assert (first.cache["recovered"], second.cache["recovered"], other.cache["recovered"]) == ("miss", "hit", "miss")
+    assert second.results.recovery == first.results.recovery
+    assert second.results.pruned.top1 == first.results.pruned.top1
+    a, b = (load_pruned(tmp_path / run / "pruned_model.pt").state_dict() for run in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_atomic_writes_leave_readable_files_and_no_temp_files(tmp_path):
     from qsfm_cli.outputs import write_json
 
@@ -193,8 +206,8 @@ def test_compensation_reuses_the_scorers_cached_statistics_and_scores(tmp_path):
     plain = run_experiment(experiment(tmp_path, "scorer=qsfm", run="a"))
     compensated = run_experiment(experiment(tmp_path, "scorer=qsfm", "recover=lstsq", run="b"))
     twin = run_experiment(experiment(tmp_path, "scorer=qsfm", "recover=twin", run="c"))
-    assert plain.cache == {"stats": "miss", "orders": "miss"}
+    assert plain.cache == {"stats": "miss", "orders": "miss", "recovered": "miss"}
     # The moments are collected once (a miss), the SSIM statistics and the scores come from the cache.
     assert compensated.cache["orders"] == "hit" and compensated.cache["stats"] == "miss"
-    assert twin.cache == {"stats": "hit", "orders": "hit"}
+    assert twin.cache == {"stats": "hit", "orders": "hit", "recovered": "miss"}
     assert compensated.results.kept_channels == plain.results.kept_channels
