@@ -198,6 +198,14 @@ class FailedJobs(Callback):
             and outputs.read_status(metrics.parent) == OK
 
 
+def log_to_files(level: int, message: str) -> None:
+    """``message`` into the run's log file only: on the console, the one ``qsfm-run: error:`` line says it."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     """One job. In a multirun a failure is logged and recorded, and the sweep goes on; a single run ends
@@ -206,10 +214,11 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         record = run(cfg)
     except (ValueError, FileNotFoundError) as err:
-        log.error("%s", err)
         if single:
+            log_to_files(logging.ERROR, str(err))
             print(f"qsfm-run: error: {first_line(err)}", file=sys.stderr)
             sys.exit(2)
+        log.error("%s", err)
         return
     except KeyboardInterrupt as err:
         print(f"qsfm-run: interrupted: {err}", file=sys.stderr)

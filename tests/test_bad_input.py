@@ -46,6 +46,10 @@ CASES = {
     "eval.latency_repeats=0": ("eval.latency_repeats=0; must be >= 1", 2),
     "eval.latency_batches=[0]": ("eval.latency_batches=[0]; every batch size must be >= 1 ...", 2),
     "finetune.lr=inf": ("finetune: lr must be a finite number, got inf", 2),
+    "prune.threshold=abc": ("prune.threshold: Value 'abc' could not be converted to Float", 2),
+    "prune.threshold=nan": ("prune.threshold must be a finite number, got nan", 2),
+    "prune.min_channels=1000": ("prune.min_channels=1000 leaves nothing to prune: the largest channel set of "
+                                "prune.scope=default has 16 channels; accepted: 1 to 15", 2),
     "prune.compensate=lstsq": (f"prune.compensate is now recover=<{'|'.join(list_recoveries())}|...>", 2),
     "prune.ridge=0.1": ("prune.ridge is now recover.ridge", 2),
     "prune.bn_recalibration=512": ("prune.bn_recalibration is now recover.bn_images", 2),
