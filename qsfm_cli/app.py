@@ -198,9 +198,10 @@ class FailedJobs(Callback):
             and outputs.read_status(metrics.parent) == OK
 
 
-def log_to_files(level: int, message: str) -> None:
-    """``message`` into the run's log file only: on the console, the one ``qsfm-run: error:`` line says it."""
-    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+def log_to_files(level: int, message: str, exc_info: Any = None) -> None:
+    """``message`` (and a traceback) into the run's log file only: on the console, the one
+    ``qsfm-run: error:`` line says it."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, exc_info)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
@@ -224,12 +225,13 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(f"qsfm-run: interrupted: {err}", file=sys.stderr)
         sys.exit(130)
     except Exception as err:
-        log.exception("job failed")
-        if single:
-            log_file = Path(HydraConfig.get().runtime.output_dir) / f"{HydraConfig.get().job.name}.log"
-            print(f"qsfm-run: error: {error_text(err)} (traceback in {log_file})", file=sys.stderr)
-            sys.exit(1)
-        return
+        if not single:
+            log.exception("job failed")
+            return
+        log_to_files(logging.ERROR, "job failed", sys.exc_info())
+        log_file = Path(HydraConfig.get().runtime.output_dir) / f"{HydraConfig.get().job.name}.log"
+        print(f"qsfm-run: error: {error_text(err)} (traceback in {log_file})", file=sys.stderr)
+        sys.exit(1)
     print_summary(record)
 
 

@@ -148,6 +148,31 @@ def test_resume_with_another_seed_is_refused_before_any_work(tmp_path: Path) -> 
     assert not (tmp_path / "cache").exists()    # refused before the baseline, collection or anything else
 
 
+def test_an_unexpected_error_is_one_line_and_the_traceback_goes_to_the_log(tmp_path: Path, monkeypatch,
+                                                                          capsys) -> None:
+    from hydra.core.global_hydra import GlobalHydra
+
+    from qsfm_cli import app
+
+    def fail(cfg):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(app, "run", fail)
+    monkeypatch.setattr(sys, "argv", ["qsfm-run", *SMOKE, f"hydra.run.dir={tmp_path / 'run'}"])
+    try:
+        with pytest.raises(SystemExit) as stop:
+            app.main()
+    finally:
+        GlobalHydra.instance().clear()
+    assert stop.value.code == 1
+    console = capsys.readouterr()
+    log_file = tmp_path / "run" / "qsfm_run.log"
+    assert console.err.strip().splitlines() == [
+        f"qsfm-run: error: RuntimeError: disk on fire (traceback in {log_file})"]
+    assert "Traceback" not in console.out
+    assert "Traceback" in log_file.read_text() and "disk on fire" in log_file.read_text()
+
+
 def test_a_value_holding_a_slash_stays_inside_the_sweep_dir(tmp_path: Path) -> None:
     sweep = tmp_path / "a" / "sweep"
     proc = qsfm_run("-m", *SMOKE, f"hydra.sweep.dir={sweep}", "scorer.name=../../../escaped,../x", cwd=tmp_path)
