@@ -38,13 +38,14 @@ def tiny_net(seed: int = 0) -> nn.Module:
 
 
 class Wrapped(nn.Module):
-    """``tiny_net`` plus a hook on the n-th training forward: a Ctrl-C, or NaN logits from then on."""
+    """``tiny_net`` plus a hook on the n-th training forward: a signal (Ctrl-C unless ``signum`` says), or NaN
+    logits from then on."""
 
-    def __init__(self, seed: int = 0, sigint_at: int | None = None, nan_from: int | None = None,
+    def __init__(self, seed: int = 0, signal_at: int | None = None, nan_from: int | None = None,
                  signum: int = signal.SIGINT):
         super().__init__()
         self.net = tiny_net(seed)
-        self.sigint_at, self.nan_from, self.signum, self.calls = sigint_at, nan_from, signum, 0
+        self.signal_at, self.nan_from, self.signum, self.calls = signal_at, nan_from, signum, 0
         self.on_first_nan = lambda: None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +53,7 @@ class Wrapped(nn.Module):
         if not self.training:
             return out
         self.calls += 1
-        if self.calls == self.sigint_at:
+        if self.calls == self.signal_at:
             signal.raise_signal(self.signum)
         if self.nan_from is not None and self.calls >= self.nan_from:
             if self.calls == self.nan_from:
@@ -108,8 +109,8 @@ def test_same_seed_same_weights(data):
     assert_same_weights(*runs)
 
 
-@pytest.mark.parametrize("sigint_at", [8, 12], ids=["mid-epoch", "last-step-of-epoch"])
-def test_ctrl_c_saves_and_resume_matches_uninterrupted(data, tmp_path, sigint_at):
+@pytest.mark.parametrize("signal_at", [8, 12], ids=["mid-epoch", "last-step-of-epoch"])
+def test_ctrl_c_saves_and_resume_matches_uninterrupted(data, tmp_path, signal_at):
     train_set, test_set = data                       # 192 images / batch 32 = 6 steps per epoch
     recipe = TrainRecipe(epochs=3, **FAST)
     reference = Wrapped()
@@ -117,11 +118,11 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(data, tmp_path, sigint_at
 
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt, match="resume=true"):
-        train(Wrapped(sigint_at=sigint_at), train_set, test_set, recipe, device="cpu", seed=1,
+        train(Wrapped(signal_at=signal_at), train_set, test_set, recipe, device="cpu", seed=1,
               run_dir=tmp_path / "b", progress=False)
     assert signal.getsignal(signal.SIGINT) is handler
     state = torch.load(tmp_path / "b" / STATE_FILE, weights_only=True)
-    assert (state["epoch"], state["step"]) == (1, sigint_at - 6)
+    assert (state["epoch"], state["step"]) == (1, signal_at - 6)
 
     resumed = Wrapped()              # the same starting model, as a rerun of the same config rebuilds it
     result = train(resumed, train_set, test_set, recipe, device="cpu", seed=1, run_dir=tmp_path / "b",
@@ -155,7 +156,7 @@ def test_preemption_saves_then_hands_over_to_submitit_and_the_requeued_job_resum
     previous = signal.signal(signal.SIGUSR2, submitit_handler)
     try:
         with pytest.raises(SystemExit):
-            train(Wrapped(sigint_at=4, signum=signal.SIGUSR2), train_set, test_set, recipe, device="cpu", seed=1,
+            train(Wrapped(signal_at=4, signum=signal.SIGUSR2), train_set, test_set, recipe, device="cpu", seed=1,
                   run_dir=tmp_path / "b", progress=False)
         assert signal.getsignal(signal.SIGUSR2) is submitit_handler
     finally:
