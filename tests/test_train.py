@@ -232,7 +232,7 @@ def test_protocol_configs_match_the_papers():
     chip = finetune_option("chip")
     assert (chip.lr, chip.schedule, chip.warmup_epochs, chip.weight_decay, chip.batch_size) == \
            (0.01, "cosine", 5, 0.005, 256)
-    assert finetune_option("none").epochs == 0 and finetune_option("cpu_short").epochs == 3
+    assert finetune_option("none").epochs == 0 and finetune_option("cpu_short").epochs == 2
 
 
 # --- recipe and schedule ------------------------------------------------------------------------------
