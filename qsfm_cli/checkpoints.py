@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -96,21 +96,27 @@ def _unwrap(obj, source: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def state_mismatch(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], against: str, *,
+                   optional: Callable[[str], bool] = lambda key: False) -> str:
+    """How ``state`` does not fit ``expected`` (missing and unexpected keys, shapes ``vs <against>``), at most
+    three of each; empty when it fits. Keys that ``optional`` accepts may be missing."""
+    missing = [k for k in expected if k not in state and not optional(k)]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {against} {tuple(expected[k].shape)}"
+              for k in expected if k in state and state[k].shape != expected[k].shape]
+    return "; ".join(f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                     for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+                     if items)
+
+
 def load_weights(model: nn.Module, source: str, *, allow_pickle: bool = False) -> nn.Module:
     """Load a checkpoint into ``model`` strictly; a mismatch names the first offending keys and shapes."""
     state = read_state_dict(source, allow_pickle=allow_pickle)
-    own = model.state_dict()
     # Checkpoints from PyTorch < 0.4.1 have no BatchNorm step counters; those are bookkeeping only.
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = [f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
-                 if items]
-        raise CheckpointError(f"checkpoint {source!r} does not fit model {type(model).__name__} "
-                              f"({'; '.join(parts)})")
+    mismatch = state_mismatch(model.state_dict(), state, "model",
+                              optional=lambda key: key.endswith("num_batches_tracked"))
+    if mismatch:
+        raise CheckpointError(f"checkpoint {source!r} does not fit model {type(model).__name__} ({mismatch})")
     model.load_state_dict(state, strict=False)
     return model
 

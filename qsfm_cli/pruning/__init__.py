@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..checkpoints import state_mismatch
 from ..models import create_model, list_models
 from ..papers import RateLayout
 from ..types import ChannelSet, Keep
@@ -135,13 +136,6 @@ def _checked_adapter(arch: Any) -> Adapter:
 def _check_state(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError("bad pruned model: its state_dict is not a mapping of names to tensors")
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} vs spec {tuple(expected[k].shape)}"
-              for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        parts = [f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
-                 if items]
-        raise ValueError(f"bad pruned model: its state_dict does not fit its architecture spec "
-                         f"({'; '.join(parts)})")
+    mismatch = state_mismatch(expected, state, "spec")
+    if mismatch:
+        raise ValueError(f"bad pruned model: its state_dict does not fit its architecture spec ({mismatch})")
