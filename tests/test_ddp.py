@@ -15,19 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from torch import nn
 
 from qsfm_cli import distributed
 from qsfm_cli import train as train_mod
-from qsfm_cli.app import config_dir
 from qsfm_cli.data import load_dataset
 from qsfm_cli.loaders import DeviceLoader, TorchvisionLoader, shard_positions
 from qsfm_cli.models import create_model
 from qsfm_cli.train import LOG_FILE, STATE_FILE, Execution, TrainRecipe, train
 
-from .test_sweep import no_submission  # noqa: F401 (fixture)
+from .test_sweep import no_submission, sbatch_of  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = TrainRecipe(epochs=2, batch_size=16, lr=0.05, weight_decay=5e-4, momentum=0.9, schedule="cosine")
@@ -225,14 +222,8 @@ def test_a_submitit_task_joins_with_slurms_rank_and_size(monkeypatch):
 
 
 def test_multigpu_slurm_launcher_asks_one_task_per_gpu(no_submission, tmp_path):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm_multigpu", "hydra.launcher.nodes=2",
-                                           f"hydra.sweep.dir={tmp_path}", "experiment=smoke"],
-                      return_hydra_config=True)
-    launcher = instantiate(cfg.hydra.launcher)
-    launcher.setup(hydra_context=None, task_function=None, config=cfg)
-    launcher.launch([["seed=0"]], 0)
-    sbatch = no_submission["executor"]._executor._make_submission_file_text("python -u job.py", "uid")
+    sbatch = sbatch_of(no_submission, tmp_path, ["hydra/launcher=slurm_multigpu", "hydra.launcher.nodes=2"],
+                       [["seed=0"]])
     for line in ("--nodes=2", "--gpus-per-node=8", "--ntasks-per-node=8", "--cpus-per-task=10"):
         assert f"#SBATCH {line}" in sbatch
 

@@ -134,16 +134,22 @@ def no_submission(monkeypatch: pytest.MonkeyPatch) -> dict:
     return captured
 
 
-def test_slurm_launcher_config_composes_into_sbatch_parameters(no_submission: dict, tmp_path: Path) -> None:
+def sbatch_of(no_submission: dict, sweep_dir: Path, overrides: list[str], jobs: list[list[str]]) -> str:
+    """The sbatch script the launcher composed from ``overrides`` writes for ``jobs`` (captured, not
+    submitted)."""
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm_gpu", "hydra.launcher.timeout_min=30",
-                                           f"hydra.sweep.dir={tmp_path}", "experiment=smoke"],
+        cfg = compose("config", overrides=[*overrides, f"hydra.sweep.dir={sweep_dir}", "experiment=smoke"],
                       return_hydra_config=True)
     launcher = instantiate(cfg.hydra.launcher)
     launcher.setup(hydra_context=None, task_function=None, config=cfg)
-    assert launcher.launch([["scorer=qsfm", "prune.ratio=0.3"], ["scorer=qsfm", "prune.ratio=0.5"]], 0) == []
+    assert launcher.launch(jobs, 0) == []
+    return no_submission["executor"]._executor._make_submission_file_text("python -u job.py", "uid")
+
+
+def test_slurm_launcher_config_composes_into_sbatch_parameters(no_submission: dict, tmp_path: Path) -> None:
+    sbatch = sbatch_of(no_submission, tmp_path, ["hydra/launcher=slurm_gpu", "hydra.launcher.timeout_min=30"],
+                       [["scorer=qsfm", "prune.ratio=0.3"], ["scorer=qsfm", "prune.ratio=0.5"]])
     executor = no_submission["executor"]._executor
-    sbatch = executor._make_submission_file_text("python -u job.py", "uid")
     for line in ("--partition=gpu", "--gpus-per-node=1", "--time=30", "--cpus-per-task=8", "--mem=32GB",
                  "--job-name=qsfm_run", f"--output={tmp_path}/.submitit/"):
         assert f"#SBATCH {line}" in sbatch
