@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import matplotlib.image
 import pytest
+import torch
+from torch import nn
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR_ROOT = SHARED / "data"
@@ -31,3 +34,19 @@ def assert_png(path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[2] in (3, 4) and image.shape[0] > 100 and image.shape[1] > 100
+
+
+class SignalAt(nn.Module):
+    """``net``, sending this process ``signum`` at its ``at``-th training forward (``None``: never): a Ctrl-C,
+    a SIGTERM or a job manager's signal in the middle of an epoch."""
+
+    def __init__(self, net: nn.Module, at: int | None = None, signum: int = signal.SIGINT):
+        super().__init__()
+        self.net, self.at, self.signum, self.calls = net, at, signum, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                signal.raise_signal(self.signum)
+        return self.net(x)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import os
-import signal
 
 import pytest
 import torch
@@ -21,6 +20,8 @@ from qsfm_cli.pruning import apply_keep, channel_sets
 from qsfm_cli.recover import get_recovery
 from qsfm_cli.scoring import get_scorer
 from qsfm_cli.train import STATE_FILE, Execution, TrainRecipe, train
+
+from .conftest import SignalAt
 
 DEVICE = os.environ.get("QSFM_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
@@ -79,33 +80,18 @@ def test_bf16_autocast_training_step_lowers_the_loss(data):
     assert result.history[-1]["loss"] < result.history[0]["loss"]
 
 
-class _StopAt(nn.Module):
-    """A ResNet-20 that sends itself SIGINT at its n-th training forward (a Ctrl-C mid-epoch)."""
-
-    def __init__(self, stop_at: int | None):
-        super().__init__()
-        self.net, self.stop_at, self.calls = resnet(), stop_at, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.calls += 1
-            if self.calls == self.stop_at:
-                signal.raise_signal(signal.SIGINT)
-        return self.net(x)
-
-
 def test_interrupted_deterministic_finetune_resumes_bit_identical(data, tmp_path):
     train_set, test_set = data                       # 128 images / batch 32 = 4 steps per epoch
     recipe = TrainRecipe(epochs=2, batch_size=32, lr=0.05)
     execution = Execution(amp="bf16", deterministic=True)
-    reference = _StopAt(None)
+    reference = SignalAt(resnet())
     train(reference, train_set, test_set, recipe, device=DEVICE, seed=1, execution=execution,
           run_dir=tmp_path / "a", progress=False)
     with pytest.raises(KeyboardInterrupt):
-        train(_StopAt(6), train_set, test_set, recipe, device=DEVICE, seed=1, execution=execution,
+        train(SignalAt(resnet(), 6), train_set, test_set, recipe, device=DEVICE, seed=1, execution=execution,
               run_dir=tmp_path / "b", progress=False)
     assert (tmp_path / "b" / STATE_FILE).is_file()
-    resumed = _StopAt(None)
+    resumed = SignalAt(resnet())
     train(resumed, train_set, test_set, recipe, device=DEVICE, seed=1, execution=execution,
           run_dir=tmp_path / "b", resume=True, progress=False)
     for key, value in reference.state_dict().items():

@@ -24,6 +24,7 @@ from qsfm_cli.loaders import DeviceLoader, TorchvisionLoader, shard_positions
 from qsfm_cli.models import create_model
 from qsfm_cli.train import LOG_FILE, STATE_FILE, Execution, TrainRecipe, train
 
+from .conftest import SignalAt
 from .test_sweep import no_submission, sbatch_of  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,23 +36,12 @@ def data():
     return load_dataset("fake", size=12, train_size=96, test_size=40, seed=0)
 
 
-class Net(nn.Module):
+def net(sigterm_at: int | None = None) -> nn.Module:
     """No BatchNorm or dropout (their per-rank statistics and masks legitimately differ from one process),
     and an optional SIGTERM to this process at the n-th training forward."""
-
-    def __init__(self, sigterm_at: int | None = None):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-                                  nn.Linear(128, 10))
-        self.sigterm_at, self.calls = sigterm_at, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.calls += 1
-            if self.calls == self.sigterm_at:
-                signal.raise_signal(signal.SIGTERM)
-        return self.body(x)
+    torch.manual_seed(0)
+    return SignalAt(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                                  nn.Linear(128, 10)), sigterm_at, signal.SIGTERM)
 
 
 def _free_port() -> int:
@@ -72,17 +62,17 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     out_dir = Path(out)
     train_set, test_set = data()
-    train(Net(), train_set, test_set, RECIPE, execution=EXECUTION, device="cpu", seed=0, run_dir=out_dir / f"own{rank}",
+    train(net(), train_set, test_set, RECIPE, execution=EXECUTION, device="cpu", seed=0, run_dir=out_dir / f"own{rank}",
           progress=False)
     train_mod._SYNC_EVERY = 2            # ranks meet every 2 steps: the stop lands mid-epoch
     shared = out_dir / "shared"
     try:
-        train(Net(sigterm_at=3 if rank == 1 else None), train_set, test_set, RECIPE, execution=EXECUTION, device="cpu",
+        train(net(sigterm_at=3 if rank == 1 else None), train_set, test_set, RECIPE, execution=EXECUTION, device="cpu",
               seed=0, run_dir=shared, progress=False)
         (out_dir / f"finished{rank}").touch()
     except KeyboardInterrupt as err:
         (out_dir / f"interrupted{rank}").write_text(str(err))
-    train(Net(), train_set, test_set, RECIPE, execution=EXECUTION, device="cpu", seed=0, run_dir=shared, resume=True,
+    train(net(), train_set, test_set, RECIPE, execution=EXECUTION, device="cpu", seed=0, run_dir=shared, resume=True,
           progress=False)
     torch.distributed.destroy_process_group()
 
@@ -115,7 +105,7 @@ def ddp_runs(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                 # as each rank: the same float rounding, and a shared machine
     try:
-        train(Net(), *data(), RECIPE, execution=EXECUTION, device="cpu", seed=0, run_dir=single, progress=False)
+        train(net(), *data(), RECIPE, execution=EXECUTION, device="cpu", seed=0, run_dir=single, progress=False)
     finally:
         torch.set_num_threads(threads)
     return out, single
@@ -126,7 +116,7 @@ def test_ddp_matches_one_process_with_the_same_global_batch(ddp_runs):
     ours, ref = _state(out / "own0")["model"], _state(single)["model"]
     for name in ref:
         torch.testing.assert_close(ours[name], ref[name], rtol=1e-5, atol=1e-6)
-    assert any((ours[n] - Net().state_dict()[n]).abs().max() > 1e-3 for n in ref), "training changed nothing"
+    assert any((ours[n] - net().state_dict()[n]).abs().max() > 1e-3 for n in ref), "training changed nothing"
     for a, b in zip(_log(out / "own0"), _log(single), strict=True):     # metrics summed over both ranks
         assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
         assert float(a["train_top1"]) == pytest.approx(float(b["train_top1"]))
@@ -192,7 +182,7 @@ def test_too_few_images_for_one_global_batch_is_one_line(monkeypatch):
     train_set, _ = data()
     with pytest.raises(ValueError, match="data-parallel training needs at least one full batch: 10 training "
                                          "images, batch_size=16"):
-        train(Net(), train_set.subset(range(10)), None, RECIPE, execution=EXECUTION, device="cpu", seed=0, progress=False)
+        train(net(), train_set.subset(range(10)), None, RECIPE, execution=EXECUTION, device="cpu", seed=0, progress=False)
 
 
 def test_cuda_index_other_than_the_local_rank_is_refused():

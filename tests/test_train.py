@@ -22,6 +22,8 @@ from qsfm_cli.loaders import DeviceLoader, TorchvisionLoader, make_loader
 from qsfm_cli.evaluate import accuracy
 from qsfm_cli.train import STATE_FILE, Execution, NonFiniteLossError, TrainRecipe, lr_factor, train
 
+from .conftest import SignalAt
+
 CONF = Path(__file__).resolve().parents[1] / "conf" / "finetune"
 FAST = dict(batch_size=32, lr=0.05)
 
@@ -37,25 +39,19 @@ def tiny_net(seed: int = 0) -> nn.Module:
                          nn.Flatten(), nn.Dropout(0.2), nn.Linear(128, 10))
 
 
-class Wrapped(nn.Module):
+class Wrapped(SignalAt):
     """``tiny_net`` plus a hook on the n-th training forward: a signal (Ctrl-C unless ``signum`` says), or NaN
     logits from then on."""
 
     def __init__(self, seed: int = 0, signal_at: int | None = None, nan_from: int | None = None,
                  signum: int = signal.SIGINT):
-        super().__init__()
-        self.net = tiny_net(seed)
-        self.signal_at, self.nan_from, self.signum, self.calls = signal_at, nan_from, signum, 0
+        super().__init__(tiny_net(seed), signal_at, signum)
+        self.nan_from = nan_from
         self.on_first_nan = lambda: None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x)
-        if not self.training:
-            return out
-        self.calls += 1
-        if self.calls == self.signal_at:
-            signal.raise_signal(self.signum)
-        if self.nan_from is not None and self.calls >= self.nan_from:
+        out = super().forward(x)
+        if self.training and self.nan_from is not None and self.calls >= self.nan_from:
             if self.calls == self.nan_from:
                 self.on_first_nan()
             return out * float("nan")
