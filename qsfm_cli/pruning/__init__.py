@@ -1,13 +1,15 @@
 """Physical channel removal: smaller tensors, the same function as the masked network.
 
 ``channel_sets`` lists what can be pruned, ``apply_keep`` builds the pruned copy, ``architecture`` /
-``build_model`` describe and rebuild a pruned architecture as plain JSON (no pickled modules). Each model
+``build_model`` describe and rebuild a pruned architecture as plain JSON (no pickled modules);
+``blocks``, ``block_of``, ``shortcut`` and ``stream_blocks`` tell a recovery how the network is built of
+blocks. Each model
 family has its adapter, found by the model's type (``register_adapter``; one module per family here:
 ``resnet_cifar``, ``vgg``, ``mobilenetv2``); every other CNN goes through Torch-Pruning (``generic``).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -16,15 +18,16 @@ from ..checkpoints import state_mismatch
 from ..models import create_model, list_models
 from ..papers import RateLayout
 from ..types import ChannelSet, Keep
-from .base import Adapter, adapter_for, check_keys, register_adapter, shapes_only, spec_error
+from .base import Adapter, Block, adapter_for, check_keys, register_adapter, shapes_only, spec_error
 from .generic import GenericAdapter
 from . import mobilenetv2, resnet_cifar, vgg  # noqa: F401,E402  (register the family adapters)
 
 SCOPES = ("default", "stage", "all")
 FALLBACK = GenericAdapter()
 
-__all__ = ["SCOPES", "Adapter", "RateLayout", "apply_keep", "architecture", "build_model", "channel_sets",
-           "classifier_name", "get_adapter", "prunable_channels", "rate_layouts", "register_adapter"]
+__all__ = ["SCOPES", "Adapter", "Block", "RateLayout", "apply_keep", "architecture", "block_of", "blocks",
+           "build_model", "channel_sets", "classifier_name", "get_adapter", "prunable_channels", "rate_layouts",
+           "register_adapter", "shortcut", "stream_blocks"]
 
 
 def get_adapter(model: nn.Module) -> Adapter:
@@ -57,6 +60,33 @@ def classifier_name(model: nn.Module, example_input: torch.Tensor) -> str:
 def rate_layouts(model: nn.Module) -> list[RateLayout]:
     """Published per-layer rate layouts for ``model`` (CIFAR ResNets: CHIP's and HRank's)."""
     return get_adapter(model).rate_layouts(model)
+
+
+def blocks(model: nn.Module) -> list[Block]:
+    """The blocks of ``model``'s family (residual or not), in forward order."""
+    return get_adapter(model).blocks(model)
+
+
+def block_of(model: nn.Module, layer: str) -> tuple[str, ...]:
+    """The modules that, run one after another, compute the block around conv/linear ``layer`` (its
+    family's block holding it, else ``layer`` with the non-conv layers that follow it in an
+    ``nn.Sequential``, else ``layer`` alone)."""
+    return get_adapter(model).block_of(model, layer)
+
+
+def shortcut(model: nn.Module, block: str, layer: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What block ``block`` adds to the BatchNorm output of ``layer``, as a function of the block's input;
+    None where it adds nothing."""
+    return get_adapter(model).shortcut(model, block, layer)
+
+
+def stream_blocks(model: nn.Module, channel_set: ChannelSet) -> list[Block]:
+    """The blocks that write ``channel_set``'s map, in forward order: those holding one of its producers.
+    For a residual stream (``kind == "stream"``) these are the blocks along the stream: each adds into
+    what the one before it wrote, and the first reads what precedes the stream, so running them one after
+    another from the first one's input computes the stream. A set written by no block (a stem conv) has
+    none."""
+    return [b for b in blocks(model) if any(p.startswith(b.path + ".") for p in channel_set.producers)]
 
 
 def apply_keep(model: nn.Module, keep: Mapping[str, Sequence[int]], example_input: torch.Tensor) -> nn.Module:

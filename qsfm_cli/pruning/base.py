@@ -1,7 +1,9 @@
-"""What an architecture family tells the pruning stage, and the registry that finds it by model type.
+"""What an architecture family tells the pruning and recovery stages, and the registry that finds it by
+model type.
 
-An ``Adapter`` knows one family's channel sets, how to build its pruned copy, its classifier, the
-papers' rate layouts for it, and how to describe, check and rebuild a pruned architecture as plain JSON.
+An ``Adapter`` knows one family's channel sets, how to build its pruned copy, its classifier, its blocks
+and their shortcuts, the papers' rate layouts for it, and how to describe, check and rebuild a pruned
+architecture as plain JSON.
 ``register_adapter(model_type)`` files one under the model class it handles (subclasses included);
 ``adapter_for`` falls back to Torch-Pruning (``generic.py``) for every other model.
 """
@@ -9,10 +11,12 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 
 from ..models import create_model
@@ -34,6 +38,24 @@ class shapes_only(TorchFunctionMode):
         if func in (torch.empty, torch.zeros, torch.ones) and kwargs.get("device") is None:
             kwargs["device"] = "meta"
         return func(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of a family's network: module ``path`` maps the block's input to its output.
+
+    A residual block adds a shortcut of its input to the BatchNorm output of the conv ``adds_to`` (a
+    module path): module ``shortcut`` applied to the block's input, or the input itself when ``shortcut``
+    is "". ``adds_to`` is "" for a block without a residual connection.
+    """
+
+    path: str
+    adds_to: str = ""
+    shortcut: str = ""
+
+    def shortcut_fn(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The shortcut as a function of the block's input, in ``model`` (the original or a pruned copy)."""
+        return model.get_submodule(self.shortcut) if self.shortcut else nn.Identity()
 
 
 class Adapter(ABC):
@@ -59,6 +81,27 @@ class Adapter(ABC):
 
     def rate_layouts(self, model: nn.Module) -> list[RateLayout]:
         return []
+
+    def blocks(self, model: nn.Module) -> list[Block]:
+        """The family's blocks (residual or not), in forward order; [] for a family without any."""
+        return []
+
+    def block_of(self, model: nn.Module, layer: str) -> tuple[str, ...]:
+        """The modules that, run one after another, compute the block around conv/linear ``layer``: the
+        outermost of ``blocks`` holding it; else, inside an ``nn.Sequential``, ``layer`` and the siblings
+        after it that hold no conv or linear layer (its BatchNorm, activation, pooling); else ``layer``."""
+        holding = [b.path for b in self.blocks(model) if layer.startswith(b.path + ".")]
+        if holding:
+            return (min(holding, key=len),)
+        return sequential_chain(model, layer)
+
+    def shortcut(self, model: nn.Module, block: str, layer: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """What block ``block`` adds to the BatchNorm output of ``layer``, as a function of the block's
+        input; None where it adds nothing."""
+        for b in self.blocks(model):
+            if b.path == block and b.adds_to and b.adds_to == layer:
+                return b.shortcut_fn(model)
+        return None
 
     @abstractmethod
     def architecture(self, model: nn.Module) -> dict:
@@ -110,6 +153,24 @@ class WidthsAdapter(Adapter):
         widths = arch.get("kwargs", {})
         check_keys("kwargs", widths, tuple(original.widths()))
         self.check_widths(widths, original)
+
+
+def sequential_chain(model: nn.Module, layer: str) -> tuple[str, ...]:
+    """``layer`` and the siblings after it in its parent ``nn.Sequential`` that hold no conv or linear
+    layer; ``(layer,)`` when the parent is no ``nn.Sequential``."""
+    parts = layer.split(".")
+    parent_path, name = ".".join(parts[:-1]), parts[-1]
+    parent = model.get_submodule(parent_path)
+    if not isinstance(parent, nn.Sequential):
+        return (layer,)
+    prefix = f"{parent_path}." if parent_path else ""
+    siblings = list(parent.named_children())
+    chain = [layer]
+    for sibling, module in siblings[[n for n, _ in siblings].index(name) + 1:]:
+        if any(isinstance(m, (_ConvNd, nn.Linear)) for m in module.modules()):
+            break
+        chain.append(prefix + sibling)
+    return tuple(chain)
 
 
 def register_adapter(model_type: type):

@@ -7,7 +7,10 @@ conv/linear layer the forward pass runs) never has its outputs pruned. Groups th
 non-depthwise conv (RegNet, ResNeXt) are left out: removing single channels there would change the group
 sizes, which a grouped conv cannot hold.
 
-The fallback adapter: it handles every model no family adapter is registered for. A pruned architecture
+The fallback adapter: it handles every model no family adapter is registered for. Its blocks are the
+instances of torchvision's residual block classes (ResNet's ``BasicBlock`` and ``Bottleneck``,
+MobileNetV2's ``InvertedResidual``); any other model has none, and each of its layers forms a block with
+the layers after it in an ``nn.Sequential`` (``base.sequential_chain``). A pruned architecture
 is described by the ``registry_spec`` that ``create_model`` attached (name, classes, keyword arguments)
 plus the shapes of every layer that differs from a freshly built one.
 """
@@ -26,7 +29,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..models import create_model
 from ..types import ChannelSet, Keep
-from .base import Adapter, check_keys, shapes_only, spec_error
+from .base import Adapter, Block, check_keys, shapes_only, spec_error
 
 _LAYERS = (_ConvNd, nn.Linear, _BatchNorm)
 
@@ -197,6 +200,9 @@ class GenericAdapter(Adapter):
     def classifier_name(self, model: nn.Module, example_input: torch.Tensor) -> str:
         return _Traced(model, example_input).classifier
 
+    def blocks(self, model: nn.Module) -> list[Block]:
+        return [b for path, m in model.named_modules() if (b := _torchvision_block(path, m)) is not None]
+
     def apply_keep(self, model: nn.Module, keep: Keep, example_input: torch.Tensor) -> nn.Module:
         sizes = {name: model.get_submodule(name).out_channels for name in keep}
         return _prune(model, {n: k for n, k in keep.items() if len(k) < sizes[n]}, example_input)
@@ -236,6 +242,20 @@ class GenericAdapter(Adapter):
         model = create_model(arch["name"], num_classes=arch["num_classes"], **arch.get("kwargs", {}))
         _apply_shapes(model, arch.get("shapes", {}))
         return model
+
+
+def _torchvision_block(path: str, module: nn.Module) -> Block | None:
+    """``module`` as a block when it is one of torchvision's residual block classes."""
+    import torchvision.models.mobilenetv2 as tv_mobilenet
+    import torchvision.models.resnet as tv_resnet
+
+    if isinstance(module, (tv_resnet.BasicBlock, tv_resnet.Bottleneck)):
+        last = "conv2" if isinstance(module, tv_resnet.BasicBlock) else "conv3"
+        return Block(path, adds_to=f"{path}.{last}",
+                     shortcut=f"{path}.downsample" if module.downsample is not None else "")
+    if isinstance(module, tv_mobilenet.InvertedResidual):
+        return Block(path, adds_to=f"{path}.conv.{len(module.conv) - 2}" if module.use_res_connect else "")
+    return None
 
 
 def _numel(model: nn.Module) -> int:

@@ -13,7 +13,7 @@ import torch
 
 from ..models.mobilenetv2 import CifarMobileNetV2, block_specs
 from ..types import ChannelSet, Keep
-from .base import WidthsAdapter, check_width, check_widths, load_bn, load_layer, on_device_of, register_adapter, \
+from .base import Block, WidthsAdapter, check_width, check_widths, load_bn, load_layer, on_device_of, register_adapter, \
     spec_error
 
 
@@ -75,6 +75,10 @@ class MobileNetV2Adapter(WidthsAdapter):
                                           tap_input=False, kind="stream" if len(run) > 1 else "conv"))
         position = {name: i for i, (name, _) in enumerate(model.named_modules())}
         return sorted(inner + streams, key=lambda s: position[s.name])
+
+    def blocks(self, model: CifarMobileNetV2) -> list[Block]:
+        return [Block(f"layers.{k}", adds_to=f"layers.{k}.conv3" if b.residual else "")
+                for k, b in enumerate(model.layers)]
 
     def apply_keep(self, model: CifarMobileNetV2, keep: Keep, example_input: torch.Tensor) -> CifarMobileNetV2:
         out_keep = {k: keep[f"layers.{run[0]}.conv3"] for run in _runs(model) for k in run}

@@ -20,7 +20,7 @@ from torch import nn
 from ..models.resnet_cifar import CifarResNet, PadShortcut
 from ..papers import RateLayout, resnet_rate_layouts
 from ..types import ChannelSet, Keep
-from .base import WidthsAdapter, check_width, check_widths, load_bn, load_layer, on_device_of, register_adapter, \
+from .base import Block, WidthsAdapter, check_width, check_widths, load_bn, load_layer, on_device_of, register_adapter, \
     spec_error
 
 
@@ -59,6 +59,9 @@ class ResNetAdapter(WidthsAdapter):
 
     def rate_layouts(self, model: CifarResNet) -> list[RateLayout]:
         return resnet_rate_layouts(_blocks(model))
+
+    def blocks(self, model: CifarResNet) -> list[Block]:
+        return [Block(b, adds_to=f"{b}.conv2", shortcut=f"{b}.shortcut") for b in _blocks(model)]
 
     def apply_keep(self, model: CifarResNet, keep: Keep, example_input: torch.Tensor) -> CifarResNet:
         stem = keep["conv1"]

@@ -13,7 +13,7 @@ with ``x_p`` the block's input in the pruned (already reconstructed) network and
 one. Every weight and bias of the block's conv and linear layers and its BatchNorms' affine parameters
 are trained (running statistics stay as they are); if the block's error over all calibration images
 did not go down, the least-squares weights are put back. A lone layer (no block around it, see
-``find_block``) is left at its least-squares fit, which already minimizes its error.
+``qsfm_cli.pruning.block_of``) is left at its least-squares fit, which already minimizes its error.
 """
 from __future__ import annotations
 

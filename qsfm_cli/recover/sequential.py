@@ -16,7 +16,8 @@ into the running mean of the BatchNorm after it; a consumer with neither is fitt
 
 The normal equations X^T X, X^T T are accumulated over batches (``positions`` sampled pixels per image),
 so no layer's maps are kept beyond a batch, except the inputs of the block being fitted: the network is
-walked block by block (``find_block``), each block's input held for the N images for both networks and
+walked block by block (``qsfm_cli.pruning.block_of``: the adapter of the model's family says what a
+block is and what its shortcut adds), each block's input held for the N images for both networks and
 pushed through the block once it is fitted.
 """
 from __future__ import annotations
@@ -31,8 +32,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..data import ImageSet
 from ..loaders import DeviceLoader
-from ..models.mobilenetv2 import InvertedResidual
-from ..models.resnet_cifar import BasicBlock
+from ..pruning import block_of, shortcut
 from ..types import ChannelSet, Keep
 from . import register_recovery
 from .base import Recovery
@@ -43,58 +43,9 @@ _NO_CONSUMER = ("its map is not read by plain conv/linear layers only (residual 
                 "depthwise conv), so there is no layer to refit for it")
 
 
-# --------------------------------------------------------------------------------------------- blocks
-def find_block(model: nn.Module, layer: str) -> tuple[str, ...]:
-    """The modules that, run one after another, compute the block around ``layer``: the residual block
-    holding it (CIFAR ResNet and MobileNetV2 blocks, torchvision's BasicBlock, Bottleneck and
-    InvertedResidual); else, inside an ``nn.Sequential``, ``layer`` and the siblings after it that hold no
-    conv or linear layer (its BatchNorm, activation, pooling: a VGG conv); else ``layer`` alone."""
-    import torchvision.models.mobilenetv2 as tv_mobilenet
-    import torchvision.models.resnet as tv_resnet
-
-    residual = (BasicBlock, InvertedResidual, tv_resnet.BasicBlock, tv_resnet.Bottleneck,
-                tv_mobilenet.InvertedResidual)
-    parts = layer.split(".")
-    for depth in range(1, len(parts)):
-        path = ".".join(parts[:depth])
-        if isinstance(model.get_submodule(path), residual):
-            return (path,)
-    parent_path, name = ".".join(parts[:-1]), parts[-1]
-    parent = model.get_submodule(parent_path)
-    if not isinstance(parent, nn.Sequential):
-        return (layer,)
-    prefix = f"{parent_path}." if parent_path else ""
-    siblings = list(parent.named_children())
-    chain = [layer]
-    for sibling, module in siblings[[n for n, _ in siblings].index(name) + 1:]:
-        if any(isinstance(m, (_ConvNd, nn.Linear)) for m in module.modules()):
-            break
-        chain.append(prefix + sibling)
-    return tuple(chain)
-
-
-def _shortcut(block: nn.Module, layer: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """What is added to the BatchNorm output of ``layer`` (path relative to ``block``) at the end of a
-    residual block, as a function of the block's input; None where nothing is."""
-    import torchvision.models.mobilenetv2 as tv_mobilenet
-    import torchvision.models.resnet as tv_resnet
-
-    if isinstance(block, BasicBlock) and layer == "conv2":
-        return block.shortcut
-    if isinstance(block, InvertedResidual) and block.residual and layer == "conv3":
-        return nn.Identity()
-    if isinstance(block, (tv_resnet.BasicBlock, tv_resnet.Bottleneck)) and \
-            layer == ("conv2" if isinstance(block, tv_resnet.BasicBlock) else "conv3"):
-        return block.downsample or nn.Identity()
-    if isinstance(block, tv_mobilenet.InvertedResidual) and block.use_res_connect and \
-            layer == f"conv.{len(block.conv) - 2}":
-        return nn.Identity()
-    return None
-
-
 @dataclass
 class Block:
-    """A block of the pruned network being reconstructed: ``modules`` (see ``find_block``) and the
+    """A block of the pruned network being reconstructed: ``modules`` (see ``block_of``) and the
     consumers inside it, in forward order, with the kept output channels of each (None: all)."""
 
     modules: tuple[str, ...]
@@ -292,7 +243,7 @@ def plan_blocks(pruned: nn.Module, sets: list[ChannelSet], keep: Keep, example: 
             status[s.name] = f"skipped: {reasons[0]}"
             continue
         for consumer, norm in zip(s.consumers, s.consumer_norms or ("",) * len(s.consumers)):
-            modules = find_block(pruned, consumer)
+            modules = block_of(pruned, consumer)
             block = blocks.setdefault(modules, Block(modules, [], {}))
             block.layers.append(consumer)
             block.out_keep[consumer] = kept_out.get(consumer)
@@ -303,14 +254,6 @@ def plan_blocks(pruned: nn.Module, sets: list[ChannelSet], keep: Keep, example: 
             status[name] = f"skipped: {traced}"
         return Plan([], {}, {})
     return Plan(traced, set_of, norm_of)
-
-
-def _relative(block: Block, layer: str) -> tuple[str, str]:
-    """(block module path, ``layer``'s path inside it) for a one-module block; ("", layer) otherwise."""
-    head = block.modules[0]
-    if len(block.modules) == 1 and layer.startswith(head + "."):
-        return head, layer[len(head) + 1:]
-    return "", layer
 
 
 def _map(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -327,11 +270,10 @@ def fit_layer(original: nn.Module, pruned: nn.Module, block: Block, layer: str, 
     module_p, module_o = pruned.get_submodule(layer), original.get_submodule(layer)
     normal = Normal(module_p, positions, module_p.bias is not None or bool(norm), generator)
     keep = block.out_keep[layer]
-    head, inner = _relative(block, layer)
     shortcut_p = shortcut_o = None
-    if target == "block" and head and norm:
-        shortcut_p = _shortcut(pruned.get_submodule(head), inner)
-        shortcut_o = _shortcut(original.get_submodule(head), inner)
+    if target == "block" and len(block.modules) == 1 and norm:
+        shortcut_p = shortcut(pruned, block.modules[0], layer)
+        shortcut_o = shortcut(original, block.modules[0], layer)
     if shortcut_p is not None:
         bn = pruned.get_submodule(norm)
         gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)
