@@ -16,7 +16,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from .outputs import atomic_write
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -1,5 +1,5 @@
-"""Baseline weights: local files, URLs (checked by torch.hub's sha256 prefix) and the registered models'
-public weights (their ``WeightCard``)."""
+"""Reading weights: local files and URLs (checked by torch.hub's sha256 prefix), unpickling tensors and plain
+containers only; the registered models' public weights are found by their cards (``models.pretrained_url``)."""
 from __future__ import annotations
 
 import pickle
@@ -12,21 +12,9 @@ from urllib.request import url2pathname
 import torch
 from torch import nn
 
-from .models import model_card, pretrained_models
-
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be found, read or matched to the model."""
-
-
-def pretrained_url(model_name: str) -> str:
-    """The URL of ``model_name``'s public weights, from its card."""
-    card = model_card(model_name)
-    if card is None:
-        available = ", ".join(f"{name} ({model_card(name).dataset})" for name in pretrained_models())
-        raise CheckpointError(f"no built-in pretrained weights for model {model_name!r}; available for: "
-                              f"{available}; pass model.checkpoint=PATH_OR_URL instead")
-    return card.url
 
 
 def read_state_dict(source: str, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

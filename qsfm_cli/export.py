@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .outputs import PRUNED_FILE, atomic_write, load_pruned, write_json
+from .files import atomic_write, write_json
+from .outputs import PRUNED_FILE, load_pruned
 
 OPSET = 20                     # ONNX Runtime >= 1.17 runs every op the exporter emits at this opset
 INPUT_NAME, OUTPUT_NAME = "input", "logits"

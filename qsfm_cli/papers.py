@@ -1,5 +1,5 @@
-"""What the papers state, in one place: their result rows, their per-layer rate layouts, the sizes they
-give the unpruned networks, and the conventions they count by.
+"""What the papers state, in one place: their result rows, the sizes they give the unpruned networks, and
+the conventions they count by (their per-layer rate layouts live with the pruning adapters they map onto).
 
 Result rows (``REFERENCES``) are what reports mark beside this tool's own runs. Each keeps the figures
 exactly as the paper states them, with where in the paper they are stated. A figure a paper does not state
@@ -13,11 +13,11 @@ abstract states it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from torch import nn
 
-from .evaluate import count_macs
+from .counting import count_macs
 
 # The unpruned networks counted as the papers count them: conv/linear MACs (BatchNorm adds none) and
 # conv/linear parameters only (HRank's and CHIP's params leave BatchNorm out; with it, ResNet-56 has
@@ -198,32 +198,3 @@ PUBLISHED_SIZES: tuple[PublishedSize, ...] = (
 
 def published_size(model: str) -> PublishedSize | None:
     return next((row for row in PUBLISHED_SIZES if row.model == model), None)
-
-
-# ---------------------------------------------------------------------------------- rate layouts
-
-@dataclass(frozen=True)
-class RateLayout:
-    """How a published per-layer rate list maps onto channel sets: ``targets[k]`` is the set entry ``k``
-    prunes, ``None`` for an entry the paper's code ignores."""
-
-    name: str
-    description: str
-    targets: tuple[str | None, ...]
-
-
-def resnet_rate_layouts(blocks: Sequence[str]) -> list[RateLayout]:
-    """CHIP's and HRank's rate lists for a CIFAR ResNet whose residual blocks are ``blocks`` (module
-    paths ``layerS.B``, in forward order), over the channel sets of ``pruning.resnet_cifar``."""
-    inner = tuple(f"{b}.conv1" for b in blocks)
-    n = len(blocks)
-    chip = RateLayout(
-        "chip", f"CHIP, {3 + n} entries: stem conv, stage-1 and stage-2 block outputs, then the inner width "
-        f"of each of the {n} blocks (stage-3 outputs are never pruned; needs prune.scope=stage)",
-        ("conv1", "layer1.0.conv2", "layer2.0.conv2") + inner)
-    per_conv = (None,) + tuple(t for name in inner for t in (name, None))
-    hrank = RateLayout(
-        "hrank", f"HRank, {1 + 2 * n} entries, one per conv: stem, then conv1, conv2 of each block; as in "
-        "HRank's pruned-model code only the conv1 entries apply (stem and conv2 entries are ignored)",
-        per_conv)
-    return [chip, hrank]

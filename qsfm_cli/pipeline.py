@@ -21,15 +21,15 @@ from .baseline import trained_baseline
 from .cache import Cache, fingerprint, model_fingerprint
 from .collect import collect_stats
 from .data import ImageSet
-from .evaluate import Metrics, accuracy, evaluate, evaluate_pair, heldout_loss
+from .evaluate import accuracy, evaluate, evaluate_pair, heldout_loss
 from .export import ONNX_FILE, ExportSpec, check_onnx, export_onnx
 from .latency import MIN_REPEATS, RUNTIMES, PairLatency
 from .loaders import input_shape, make_loader
-from .models import create_model
+from .models import create_model, pretrained_url
 from .models.torchvision_models import load_pretrained
 from .plan import MacsMeter, PlanSpec, format_sensitivity, keep_from_counts, make_keep, measure_sensitivity
 from .pruning import apply_keep, architecture, build_model, channel_sets
-from .record import FAILED, OK, Results, RunRecord, Settings, error_text
+from .record import FAILED, OK, Metrics, Results, RunRecord, Settings, error_text
 from .recover import Recovery, RecoverySpec, recalibrate_bn
 from .scoring import Scorer, StatRequest, threshold_scorers
 from .train import Execution, TrainRecipe, check_resumable, train
@@ -199,7 +199,7 @@ def load_baseline(exp: Experiment, cache: Cache) -> nn.Module:
     if exp.pretrained and exp.model_name.startswith("tv_"):
         return load_pretrained(model, exp.model_name)     # torchvision's own weights API
     if exp.pretrained:
-        return checkpoints.load_weights(model, checkpoints.pretrained_url(exp.model_name))
+        return checkpoints.load_weights(model, pretrained_url(exp.model_name))
     if exp.baseline_recipe is not None:
         return trained_baseline(exp.model_name, exp.train_set.num_classes, exp.train_set, exp.test_set,
                                 exp.baseline_recipe, seed=exp.seed, device=exp.device, cache_dir=cache.root,

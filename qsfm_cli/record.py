@@ -11,8 +11,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
-from .evaluate import Metrics
-
 if TYPE_CHECKING:
     from .plan import PlanSpec
     from .recover import RecoverySpec
@@ -31,6 +29,20 @@ _ORDER = ("model", "dataset", "scorer", "scorer.", "protocol", "prune.", "recove
           "finetune.", "collect.", "model.", "dataset.", "seed")
 # The columns that say how much is pruned: the points along one series of a plot.
 AMOUNTS = ("prune.ratio", "prune.rates", "prune.threshold", "prune.target_macs_reduction")
+
+
+@dataclass
+class Metrics:
+    """One model's figures. ``macs`` counts conv and linear multiply-accumulates (FLOPs / 2)."""
+
+    top1: float
+    top5: float
+    macs: int
+    params: int
+    latency_ms: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass

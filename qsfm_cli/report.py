@@ -20,7 +20,8 @@ import yaml
 from matplotlib.figure import Figure
 
 from .latency import MAX_SPREAD, speedup_text
-from .outputs import METRICS_FILE, atomic_write, results_row, write_text
+from .files import atomic_write, write_text
+from .outputs import METRICS_FILE, results_row
 from .papers import Reference, references_for
 from .record import AMOUNTS, FAILED, OK, RUNNING, RunRecord, config_columns, is_setting_column
 

@@ -37,7 +37,7 @@ from . import distributed
 from .cache import model_fingerprint
 from .data import ImageSet
 from .loaders import PATHS, DeviceLoader, TorchvisionLoader, make_loader
-from .outputs import atomic_write
+from .files import atomic_write
 
 if TYPE_CHECKING:
     from .imagefolder import FolderSet

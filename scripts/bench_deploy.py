@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qsfm_cli.evaluate import count_macs
+from qsfm_cli.counting import count_macs
 from qsfm_cli.latency import MAX_SPREAD, PairLatency, measure_pair
 from qsfm_cli.models import create_model
-from qsfm_cli.outputs import write_json
+from qsfm_cli.files import write_json
 from qsfm_cli.plan import keep_from_counts, removed_count
 from qsfm_cli.pruning import SCOPES, apply_keep, channel_sets
 from qsfm_cli.scoring import get_scorer

@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from qsfm_cli.evaluate import count_macs, count_params
+from qsfm_cli.counting import count_macs, count_params
 from qsfm_cli.latency import MAX_SPREAD, measure_pair
 from qsfm_cli.models import create_model
 from qsfm_cli.plan import PlanSpec, make_keep

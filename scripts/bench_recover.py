@@ -29,9 +29,10 @@ import torch
 from qsfm_cli.checkpoints import PRETRAINED_MEAN, PRETRAINED_STD, load_weights
 from qsfm_cli.collect import collect_stats
 from qsfm_cli.data import load_dataset
-from qsfm_cli.evaluate import accuracy, count_macs, count_params
+from qsfm_cli.counting import count_macs, count_params
+from qsfm_cli.evaluate import accuracy
 from qsfm_cli.models import create_model
-from qsfm_cli.outputs import atomic_write
+from qsfm_cli.files import atomic_write
 from qsfm_cli.plan import ALLOCATIONS, PlanSpec, heldout_loss, make_keep
 from qsfm_cli.pruning import apply_keep, channel_sets
 from qsfm_cli.recover import get_recovery, recalibrate_bn

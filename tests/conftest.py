@@ -50,3 +50,13 @@ class SignalAt(nn.Module):
             if self.calls == self.at:
                 signal.raise_signal(self.signum)
         return self.net(x)
+
+
+@pytest.fixture
+def scratch_models(monkeypatch):
+    """Models (and weight cards) a test registers are gone after it."""
+    import qsfm_cli.models.base as models_base
+
+    monkeypatch.setattr(models_base, "_CARDS", dict(models_base._CARDS))
+    with models_base.MODELS.scratch():
+        yield

@@ -3,10 +3,10 @@ import argparse
 import pytest
 import torch
 
-from qsfm_cli.checkpoints import CheckpointError, load_weights, pretrained_url
+from qsfm_cli.checkpoints import CheckpointError, load_weights
 from qsfm_cli.data import load_dataset
 from qsfm_cli.evaluate import accuracy
-from qsfm_cli.models import create_model, model_card
+from qsfm_cli.models import create_model, model_card, pretrained_url
 
 from .conftest import CIFAR_ROOT, shared_file
 

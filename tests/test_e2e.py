@@ -173,7 +173,7 @@ def test_recovered_model_is_cached_and_served_with_the_same_weights(tmp_path):
 
 
 def test_atomic_writes_leave_readable_files_and_no_temp_files(tmp_path):
-    from qsfm_cli.outputs import write_json
+    from qsfm_cli.files import write_json
 
     write_json(tmp_path / "m.json", {"a": float("nan")})
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": None}

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from qsfm_cli.data import ImageSet
-from qsfm_cli.evaluate import MacsMeter, count_macs, heldout_loss
+from qsfm_cli.counting import MacsMeter, count_macs
+from qsfm_cli.evaluate import heldout_loss
 from qsfm_cli.models import create_model
 from qsfm_cli.pruning import apply_keep, channel_sets
 

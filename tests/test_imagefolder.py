@@ -13,7 +13,8 @@ from PIL import Image
 
 from qsfm_cli.app import build, config_dir
 from qsfm_cli.collect import collect_stats
-from qsfm_cli.evaluate import accuracy, count_macs, count_params
+from qsfm_cli.counting import count_macs, count_params
+from qsfm_cli.evaluate import accuracy
 from qsfm_cli.imagefolder import FolderSet, UnreadableImageError, load_imagefolder
 from qsfm_cli.loaders import DeviceLoader, TorchvisionLoader, input_shape, make_loader
 from qsfm_cli.models import create_model

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import qsfm_cli.models as models
-from qsfm_cli.evaluate import count_macs, count_params
+from qsfm_cli.counting import count_macs, count_params
 from qsfm_cli.models import (WeightCard, create_model, default_normalization, list_models, model_card,
                              pretrained_models, register_model)
 from qsfm_cli.papers import PUBLISHED_SIZES, conv_linear_params, published_size
@@ -95,10 +95,8 @@ def test_a_card_must_carry_a_checkable_hash(fields, message):
         WeightCard(**{**good, **fields})
 
 
-def test_a_name_registered_twice_warns(monkeypatch):
-    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
-    monkeypatch.setattr(models, "_CARDS", dict(models._CARDS))
-    original = models._REGISTRY["resnet20"]
+def test_a_name_registered_twice_warns(scratch_models):
+    original = models.MODELS.get("resnet20")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         register_model(original)  # the same constructor again (a re-import) is no duplicate

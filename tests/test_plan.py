@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from qsfm_cli.evaluate import count_macs
+from qsfm_cli.counting import count_macs
 from qsfm_cli.models import create_model
 from qsfm_cli.plan import (ALLOCATIONS, MAX_RATES, PROTOCOLS, TOLERANCE, MacsMeter, PlanSpec, format_sensitivity,
                            keep_from_counts, make_keep, measure_sensitivity, parse_rates, removed_count, settle)

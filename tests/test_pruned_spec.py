@@ -8,7 +8,6 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from qsfm_cli import load_pruned, save_pruned
-import qsfm_cli.models as models
 from qsfm_cli.models import create_model, list_models, register_model
 from qsfm_cli.models.resnet_cifar import CifarResNet
 from qsfm_cli.pruning import apply_keep, architecture, build_model, channel_sets, get_adapter, register_adapter
@@ -182,8 +181,7 @@ class TwoConvNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def test_a_registered_model_without_adapter_goes_through_the_fallback(monkeypatch):
-    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+def test_a_registered_model_without_adapter_goes_through_the_fallback(scratch_models):
 
     def two_conv(num_classes: int = 10, **kwargs) -> TwoConvNet:
         return TwoConvNet(num_classes, **kwargs)

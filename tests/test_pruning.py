@@ -12,7 +12,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from qsfm_cli.evaluate import count_macs, count_params
+from qsfm_cli.counting import count_macs, count_params
 from qsfm_cli.models import create_model, list_models
 from qsfm_cli.plan import PlanSpec, make_keep
 from qsfm_cli.pruning import (apply_keep, architecture, build_model, channel_sets, classifier_name,

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from qsfm_cli import report
-from qsfm_cli.evaluate import Metrics
+from qsfm_cli.record import Metrics
 from qsfm_cli.outputs import write_record
 from qsfm_cli.papers import REFERENCES, references_for
 from qsfm_cli.plan import PlanSpec

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from qsfm_cli.scoring import similarity as sim_module
+import qsfm_cli.similarity as sim_module
 from qsfm_cli.scoring import similarity_matrix, similarity_sums
 
 

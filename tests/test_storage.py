@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qsfm_cli.cache import Cache
-from qsfm_cli.outputs import atomic_write
+from qsfm_cli.files import atomic_write
 
 TORCH_FULL_DISK = ("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: "
                    "file write failed")

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from qsfm_cli.evaluate import count_macs
+from qsfm_cli.counting import count_macs
 from qsfm_cli.imagefolder import load_imagefolder
 from qsfm_cli.loaders import input_shape
 from qsfm_cli.models import create_model

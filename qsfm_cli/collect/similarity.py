@@ -1,9 +1,9 @@
-"""The similarity matrix S of a set's maps, for one metric (definitions in ``qsfm_cli.scoring.similarity``)."""
+"""The similarity matrix S of a set's maps, for one metric (definitions in ``qsfm_cli.similarity``)."""
 from __future__ import annotations
 
 import torch
 
-from ..scoring.similarity import METRICS, SSIM_DEFAULTS, check_metric_options, similarity_sums
+from ..similarity import METRICS, SSIM_DEFAULTS, check_metric_options, similarity_sums
 from .base import MeanStatistic, StatRequest, register_statistic
 
 

@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping
 
-from ..outputs import atomic_write
+from ..files import atomic_write
 
 STATUSES = ("ok", "failed", "interrupted")
 

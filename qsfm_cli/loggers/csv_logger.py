@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..outputs import write_csv, write_json
+from ..files import write_csv, write_json
 from . import register_logger
 from .base import Logger, copy_into
 

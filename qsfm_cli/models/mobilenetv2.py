@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register_model
+from .base import register_model
 
 # (expansion, out channels, repeats, stride) of each stage; strides adapted to CIFAR.
 CIFAR_STAGES = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import WeightCard, register_model
+from .base import WeightCard, register_model
 
 
 class PadShortcut(nn.Module):

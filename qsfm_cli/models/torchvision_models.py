@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..checkpoints import load_weights
+
 PREFIX = "tv_"
 
 
@@ -49,8 +51,6 @@ def preprocessing(name: str) -> Preprocessing:
 
 def load_pretrained(model: nn.Module, name: str) -> nn.Module:
     """``model`` (built by ``create_model(name)``) with torchvision's default weights for it."""
-    from ..checkpoints import load_weights
-
     weights = default_weights(name)
     classes = len(weights.meta["categories"])
     spec = getattr(model, "registry_spec", {})

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import register_model
+from .base import register_model
 
 VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
 

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..evaluate import MacsMeter
+from ..counting import MacsMeter
 from ..types import ChannelSet, Keep, Orders
 from .base import PROTOCOLS, PlanContext, Strategy, keep_from_counts, register_protocol, removed_count, settle
 

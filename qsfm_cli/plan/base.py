@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from ..evaluate import MacsMeter
+from ..counting import MacsMeter
 from ..pruning import apply_keep
 from ..types import ChannelSet, Keep, Orders
 

@@ -13,7 +13,7 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..evaluate import MacsMeter
+from ..counting import MacsMeter
 from ..types import ChannelSet, Keep, Orders
 from .base import Counts, PlanContext, keep_from_counts, removed_count, settle
 

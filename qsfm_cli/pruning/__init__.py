@@ -16,9 +16,9 @@ from torch import nn
 
 from ..checkpoints import state_mismatch
 from ..models import create_model, list_models
-from ..papers import RateLayout
 from ..types import ChannelSet, Keep
-from .base import Adapter, Block, adapter_for, check_keys, register_adapter, shapes_only, spec_error
+from .base import (Adapter, Block, RateLayout, adapter_for, check_keys, register_adapter, shapes_only,
+                   spec_error)
 from .generic import GenericAdapter
 from . import mobilenetv2, resnet_cifar, vgg  # noqa: F401,E402  (register the family adapters)
 

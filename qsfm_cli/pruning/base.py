@@ -2,8 +2,8 @@
 model type.
 
 An ``Adapter`` knows one family's channel sets, how to build its pruned copy, its classifier, its blocks
-and their shortcuts, the papers' rate layouts for it, and how to describe, check and rebuild a pruned
-architecture as plain JSON.
+and their shortcuts, the papers' rate layouts for it (``RateLayout``), and how to describe, check and
+rebuild a pruned architecture as plain JSON.
 ``register_adapter(model_type)`` files one under the model class it handles (subclasses included);
 ``adapter_for`` falls back to Torch-Pruning (``generic.py``) for every other model.
 """
@@ -20,11 +20,20 @@ from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 
 from ..models import create_model
-from ..papers import RateLayout
 from ..types import ChannelSet, Keep
 
 _ADAPTERS: dict[type, Adapter] = {}
 SPEC_KEYS = ("name", "num_classes", "kwargs")
+
+
+@dataclass(frozen=True)
+class RateLayout:
+    """How a published per-layer rate list maps onto channel sets: ``targets[k]`` is the set entry ``k``
+    prunes, ``None`` for an entry the paper's code ignores."""
+
+    name: str
+    description: str
+    targets: tuple[str | None, ...]
 
 
 class shapes_only(TorchFunctionMode):

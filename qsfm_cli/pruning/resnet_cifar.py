@@ -12,16 +12,15 @@ stage 1 by ``layer1.0``'s shortcut), and ``layerS.0.conv2``, stage S's residual 
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..models.resnet_cifar import CifarResNet, PadShortcut
-from ..papers import RateLayout, resnet_rate_layouts
 from ..types import ChannelSet, Keep
-from .base import Block, WidthsAdapter, check_width, check_widths, load_bn, load_layer, on_device_of, register_adapter, \
-    spec_error
+from .base import Block, RateLayout, WidthsAdapter, check_width, check_widths, load_bn, load_layer, \
+    on_device_of, register_adapter, spec_error
 
 
 def _blocks(model: CifarResNet) -> list[str]:
@@ -114,3 +113,20 @@ class ResNetAdapter(WidthsAdapter):
             if any(isinstance(i, bool) or not isinstance(i, int) or not -1 <= i < stages[s] for i in index) \
                     or len(set(targets)) != len(targets):
                 raise spec_error(field, index, f"integers in [-1, {stages[s]}), the non-negative ones distinct")
+
+
+def resnet_rate_layouts(blocks: Sequence[str]) -> list[RateLayout]:
+    """CHIP's and HRank's rate lists for a CIFAR ResNet whose residual blocks are ``blocks`` (module
+    paths ``layerS.B``, in forward order), over the channel sets of ``pruning.resnet_cifar``."""
+    inner = tuple(f"{b}.conv1" for b in blocks)
+    n = len(blocks)
+    chip = RateLayout(
+        "chip", f"CHIP, {3 + n} entries: stem conv, stage-1 and stage-2 block outputs, then the inner width "
+        f"of each of the {n} blocks (stage-3 outputs are never pruned; needs prune.scope=stage)",
+        ("conv1", "layer1.0.conv2", "layer2.0.conv2") + inner)
+    per_conv = (None,) + tuple(t for name in inner for t in (name, None))
+    hrank = RateLayout(
+        "hrank", f"HRank, {1 + 2 * n} entries, one per conv: stem, then conv1, conv2 of each block; as in "
+        "HRank's pruned-model code only the conv1 entries apply (stem and conv2 entries are ignored)",
+        per_conv)
+    return [chip, hrank]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..data import ImageSet
-from ..scoring.base import StatRequest
+from ..collect.base import StatRequest
 from ..types import ChannelSet, Keep, LayerStats, Orders
 
 

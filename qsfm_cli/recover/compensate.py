@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..scoring.base import StatRequest
+from ..collect.base import StatRequest
 from ..types import ChannelSet, Keep, LayerStats, Orders
 from . import register_recovery
 from .base import Recovery

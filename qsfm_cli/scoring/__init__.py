@@ -11,7 +11,7 @@ import pkgutil
 from dataclasses import fields
 
 from .base import Scorer, StatRequest
-from .similarity import METRICS, similarity_matrix, similarity_sums
+from ..similarity import METRICS, similarity_matrix, similarity_sums
 
 _REGISTRY: dict[str, type] = {}
 

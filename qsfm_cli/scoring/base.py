@@ -9,7 +9,7 @@ from torch import nn
 
 from ..collect.base import StatRequest
 from ..types import ChannelSet, LayerStats, Order
-from .similarity import check_metric_options
+from ..similarity import check_metric_options
 
 
 @runtime_checkable
