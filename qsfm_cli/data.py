@@ -14,6 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .cache import fingerprint
+
 log = logging.getLogger(__name__)
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -49,8 +51,6 @@ class ImageSet:
 
     def content_key(self) -> str:
         """Identity of the images and labels for cache keys (a ``FolderSet`` has its own)."""
-        from .cache import fingerprint
-
         return fingerprint("images", self.images, self.labels)
 
     def with_normalization(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> "ImageSet":

@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .export import onnx_model, onnx_session
+
 RUNTIMES = ("torch", "onnxruntime")
 MAX_SPREAD = 0.2
 MIN_REPEATS = 3          # the fewest timings whose quartiles still say something about the spread
@@ -157,8 +159,6 @@ def measure_pair(base: nn.Module, pruned: nn.Module, batches: Sequence[int] = (1
     _check_settings(runtime, batches, repeats, warmup, threads, max_spread)
     models = [base.eval(), pruned.eval()]
     if runtime == "onnxruntime":
-        from .export import onnx_model, onnx_session
-
         example = torch.zeros(1, 3, *input_hw)
         sessions = [onnx_session(onnx_model(m, example).SerializeToString(), threads=threads) for m in models]
     results = []

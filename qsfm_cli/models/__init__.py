@@ -13,6 +13,7 @@ from torch import nn
 from ..registry import import_modules
 from .base import (MODELS, WeightCard, default_normalization, list_models, model_card, pretrained_models,
                    pretrained_url, register_model)
+from .timm_models import create as create_timm
 
 
 def _torchvision_builder(name: str) -> Callable[..., nn.Module] | None:
@@ -31,9 +32,7 @@ def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     elif name.startswith("tv_") and (builder := _torchvision_builder(name[3:])) is not None:
         model = builder(weights=None, num_classes=num_classes, **kwargs)
     elif name.startswith("timm_"):
-        from .timm_models import create
-
-        model = create(name, num_classes, **kwargs)
+        model = create_timm(name, num_classes, **kwargs)
     else:
         raise ValueError(f"unknown model {name!r}; accepted: {', '.join(list_models())}, "
                          "tv_<torchvision model name> or timm_<timm model name>")
