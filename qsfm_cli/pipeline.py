@@ -33,7 +33,7 @@ from .record import FAILED, OK, Metrics, Results, RunRecord, Settings, error_tex
 from .recover import Recovery, RecoverySpec, recalibrate_bn
 from .scoring import Scorer, StatRequest, threshold_scorers
 from .train import Execution, TrainRecipe, check_resumable, train
-from .types import ChannelSet, Keep, LayerStats, Order, Orders
+from .types import ChannelSet, Keep, LayerStats, Order, Orders, SetStatus
 
 if TYPE_CHECKING:
     from .loggers import Logger
@@ -284,7 +284,7 @@ def has_fold(method: Recovery) -> bool:
 
 
 def folded(method: Recovery, model: nn.Module, sets: list[ChannelSet], stats: dict[str, LayerStats],
-           orders: Orders, keep: Keep, status: dict[str, str] | None = None) -> nn.Module:
+           orders: Orders, keep: Keep, status: dict[str, SetStatus] | None = None) -> nn.Module:
     """A copy of ``model`` with the method's fold applied for ``keep`` (``model`` itself when the method
     has no fold); what the fold did per set goes into ``status``."""
     if not has_fold(method):
@@ -330,7 +330,7 @@ def plan_stage(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats: 
 def cached_prune_and_recover(model: nn.Module, sets: list[ChannelSet], orders: Orders,
                              stats: dict[str, LayerStats], orders_key: str, removed: dict[str, int],
                              exp: Experiment, ctx: RunContext, example: torch.Tensor
-                             ) -> tuple[nn.Module, dict[str, str]]:
+                             ) -> tuple[nn.Module, dict[str, SetStatus]]:
     """``prune_and_recover``, cached: the pruned model is stored as its checked architecture spec and weights
     (``outputs.save_pruned``'s form), keyed by the scores, the plan, the recovery and the training images."""
     key = fingerprint("recovered", orders_key, removed, exp.plan.scope, exp.recovery.describe(),
@@ -338,17 +338,18 @@ def cached_prune_and_recover(model: nn.Module, sets: list[ChannelSet], orders: O
 
     def compute() -> dict[str, Any]:
         pruned, status = prune_and_recover(model, sets, orders, stats, removed, exp, ctx, example)
-        return {"architecture": architecture(pruned), "state_dict": pruned.state_dict(), "status": status}
+        return {"architecture": architecture(pruned), "state_dict": pruned.state_dict(),
+                "status": {name: str(done) for name, done in status.items()}}
 
     entry = ctx.cached("recovered", key, compute)
     pruned = build_model(entry["architecture"], entry["state_dict"])
     pruned.load_state_dict(entry["state_dict"])
-    return pruned.to(exp.device).eval(), dict(entry["status"])
+    return pruned.to(exp.device).eval(), {name: SetStatus.parse(text) for name, text in entry["status"].items()}
 
 
 def prune_and_recover(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats: dict[str, LayerStats],
                       removed: dict[str, int], exp: Experiment, ctx: RunContext, example: torch.Tensor
-                      ) -> tuple[nn.Module, dict[str, str]]:
+                      ) -> tuple[nn.Module, dict[str, SetStatus]]:
     """Prune stage and recover stage, in ``exp.recovery.iterative_steps`` steps, then BN re-estimation.
 
     ``removed`` holds the plan's per-set removal counts, reached in equal steps; removed channels never come
@@ -359,7 +360,7 @@ def prune_and_recover(model: nn.Module, sets: list[ChannelSet], orders: Orders, 
     """
     spec, method = exp.recovery, exp.recovery.method
     sizes = {s.name: s.size for s in sets}
-    status: dict[str, str] = {}
+    status: dict[str, SetStatus] = {}
     current = model
     for step in range(1, spec.iterative_steps + 1):
         if step > 1:
@@ -374,12 +375,12 @@ def prune_and_recover(model: nn.Module, sets: list[ChannelSet], orders: Orders, 
         if method.calibration_images:
             with ctx.stage("recover"):
                 images = exp.train_set.sample(method.calibration_images, exp.seed)
-                status.update(method.refit(current, pruned, sets, keep, images, device=exp.device,
+                status.update(method.refit(current, pruned, sets, keep, images, seed=exp.seed, device=exp.device,
                                            progress=exp.progress))
         current = pruned
-    for name, done in status.items():
-        if done.startswith("skipped"):
-            log.warning("recovery %s: %s", name, done)
+    for name, outcome in status.items():
+        if not outcome.done:
+            log.warning("recovery %s: %s", name, outcome)
     if spec.bn_images:
         with ctx.stage("recover"):
             recalibrate_bn(current, exp.train_set, spec.bn_images, batch_size=spec.bn_batch_size,
@@ -448,7 +449,8 @@ def run_stages(exp: Experiment, ctx: RunContext) -> tuple[Results, nn.Module]:
     pruned_sets = {s.name: s.size for s in channel_sets(pruned, example, scope=exp.plan.scope)}
     kept = {s.name: {"kept": pruned_sets.get(s.name, 0), "total": s.size} for s in sets}
     latency = {f"{p.runtime}/b{p.batch}": p.to_dict() for p in pairs}
-    return Results(base, after_prune, final, kept, plan_info, recovered, latency), pruned
+    return Results(base, after_prune, final, kept, plan_info, {name: str(done) for name, done in recovered.items()},
+                   latency), pruned
 
 
 def epoch_metrics(logger: "Logger") -> Callable[[dict[str, Any]], None]:

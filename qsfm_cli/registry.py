@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import pkgutil
 import warnings
-from typing import Callable, Generic, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, TypeVar
 
 T = TypeVar("T")
 
@@ -46,8 +47,25 @@ class Registry(Generic[T]):
     def items(self) -> Iterator[tuple[str, T]]:
         return iter(sorted(self._entries.items()))
 
+    def values(self) -> list[T]:
+        return [entry for _, entry in self.items()]
+
     def __contains__(self, name: object) -> bool:
         return name in self._entries
+
+    def build(self, name: str, options: Mapping[str, Any], *, also: Iterable[str] = ()) -> Any:
+        """``get(name)(**options)``; an option its constructor does not take is refused as
+        ``section.option=value; accepted: section.a, ...`` (the keys it takes, then ``also``), ``section``
+        being ``key``'s (``recover`` for ``recover.name``)."""
+        factory: Any = self.get(name)
+        taken = [p.name for p in inspect.signature(factory).parameters.values()
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        unknown = sorted(set(options) - set(taken))
+        if unknown:
+            section = self.key.rpartition(".")[0] or self.key
+            keys = ", ".join(f"{section}.{k}" for k in [*taken, *also]) or "none"
+            raise ValueError(f"{section}.{unknown[0]}={options[unknown[0]]}; accepted: {keys}")
+        return factory(**options)
 
     @contextlib.contextmanager
     def scratch(self) -> Iterator[Registry[T]]:

@@ -62,3 +62,28 @@ class Order:
 
 Orders = dict[str, Order]
 Keep = dict[str, list[int]]
+
+
+@dataclass(frozen=True)
+class SetStatus:
+    """What a recovery did to one channel set: ``done`` and what it did ("compensated", "refit; ..."), or
+    not done and why. ``str()`` is the text ``metrics.json`` records ("skipped: <why>" when not done)."""
+
+    done: bool
+    what: str
+
+    @classmethod
+    def skipped(cls, why: str) -> "SetStatus":
+        return cls(False, why)
+
+    @classmethod
+    def parse(cls, text: str) -> "SetStatus":
+        """The status ``str()`` wrote."""
+        why = text.removeprefix(_SKIPPED)
+        return cls(why == text, why)
+
+    def __str__(self) -> str:
+        return self.what if self.done else _SKIPPED + self.what
+
+
+_SKIPPED = "skipped: "

@@ -58,8 +58,9 @@ def recover(method: str, model, keep, sets, stats, orders, calib, example, args)
         given.update(steps=args.steps, lr=args.lr)
     pruned = apply_keep(model, keep, example).eval()
     recovery = get_recovery(method, **{k: v for k, v in given.items() if v is not None}).method
-    status = recovery.refit(model, pruned, sets, keep, calib, device=args.device, progress=args.progress)
-    skipped = {k: v for k, v in status.items() if not v.startswith("refit")}
+    status = recovery.refit(model, pruned, sets, keep, calib, seed=args.seed, device=args.device,
+                            progress=args.progress)
+    skipped = {k: str(v) for k, v in status.items() if not v.done}
     if skipped:
         print(f"  {method}: skipped {skipped}")
     return pruned

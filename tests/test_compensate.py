@@ -10,7 +10,7 @@ from qsfm_cli.recover.compensate import compensate
 from qsfm_cli.data import ImageSet
 from qsfm_cli.models import create_model
 from qsfm_cli.pruning import apply_keep, channel_sets
-from qsfm_cli.types import LayerStats, Order
+from qsfm_cli.types import LayerStats, Order, SetStatus
 
 
 def producer_consumer(padding: int, consumer_bias: bool) -> nn.Module:
@@ -64,7 +64,7 @@ def test_affine_copies_are_folded_exactly(consumer_bias):
     plain, _ = output_error(model, x, keep, None, twins)
     twin, status = output_error(model, x, keep, "twin", twins)
     lstsq, _ = output_error(model, x, keep, "lstsq", twins)
-    assert status == {"0": "compensated"}
+    assert status == {"0": SetStatus(True, "compensated")}
     assert plain > 0.1 and twin < 1e-5 and lstsq < 1e-3
 
 
@@ -105,12 +105,12 @@ def test_sets_without_plain_consumers_are_skipped_and_said_so():
     keep = {"layer2.0.conv2": list(range(16)), "layer2.0.conv1": list(range(16))}
     before = model.layer2[0].conv2.weight.clone()
     status = compensate(model, [stream, inner], stats, orders, keep, "twin")
-    assert status["layer2.0.conv2"].startswith("skipped: its map is not read by plain conv/linear layers")
-    assert status["layer2.0.conv1"].startswith("skipped: the scorer pairs no twins") and "lstsq" in \
-        status["layer2.0.conv1"]
+    assert str(status["layer2.0.conv2"]).startswith("skipped: its map is not read by plain conv/linear layers")
+    assert str(status["layer2.0.conv1"]).startswith("skipped: the scorer pairs no twins") and "lstsq" in \
+        status["layer2.0.conv1"].what
     assert torch.equal(model.layer2[0].conv2.weight, before)
     status = compensate(model, [inner], stats, orders, keep, "lstsq")
-    assert status == {"layer2.0.conv1": "compensated"}
+    assert status == {"layer2.0.conv1": SetStatus(True, "compensated")}
     with pytest.raises(ValueError, match="unknown compensation 'twins'; accepted: twin, lstsq"):
         compensate(model, [inner], stats, orders, keep, "twins")
 
@@ -126,7 +126,7 @@ def test_vgg_last_conv_folds_into_the_classifier():
     bias = model.classifier.linear1.bias.clone()
     status = compensate(model, [last], stats, {last.name: Order(list(range(last.size)))},
                         {last.name: list(range(256))}, "lstsq")
-    assert status == {last.name: "compensated"} and not torch.equal(bias, model.classifier.linear1.bias)
+    assert status == {last.name: SetStatus(True, "compensated")} and not torch.equal(bias, model.classifier.linear1.bias)
 
 
 def test_bn_recalibration_estimates_the_batch_statistics():
@@ -158,7 +158,7 @@ def test_lstsq_without_ridge_folds_exactly_next_to_a_dead_kept_channel(constant)
     order = Order(removal=[3, 1, 0, 2, 4])
     plain, _ = output_error(model, x, keep, None, order)
     exact, status = output_error(model, x, keep, "lstsq", order, ridge=0.0)
-    assert status == {"0": "compensated"} and plain > 0.1 and exact < 1e-5
+    assert status == {"0": SetStatus(True, "compensated")} and plain > 0.1 and exact < 1e-5
     s = channel_sets(model, x)[0]
     with pytest.raises(ValueError, match=r"recover.ridge must be >= 0 \(0: plain least squares\), got -0.1"):
         compensate(model, [s], {s.name: moments(model, s, x)}, {s.name: order}, keep, "lstsq", ridge=-0.1)

@@ -64,7 +64,7 @@ def test_pruning_and_compensation_on_the_device(data):
     edited = copy.deepcopy(model)
     status = recovery.fold(edited, sets, stats, orders, keep)
     pruned = apply_keep(edited, keep, example)
-    assert set(status.values()) == {"compensated"}
+    assert set(map(str, status.values())) == {"compensated"}
     assert next(pruned.parameters()).device.type == torch.device(DEVICE).type
     x = next(iter(DeviceLoader(test_set, 32, device=DEVICE)))[0]
     with torch.no_grad():

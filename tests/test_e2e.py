@@ -73,11 +73,11 @@ def test_same_config_prunes_the_same_channels(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.name=resnet57", "unknown model 'resnet57'; accepted:"),
+    ("model.name=resnet57", "model.name=resnet57; accepted:"),
     ("prune.ratio=1.5", "1.5"),
     ("model.checkpoint=missing.pt", "checkpoint 'missing.pt' not found"),
     ("device=cuda:7", "device 'cuda:7'"),
-    ("recover.name=foo", f"unknown recover.name 'foo'; accepted: {', '.join(list_recoveries())}"),
+    ("recover.name=foo", f"recover.name=foo; accepted: {', '.join(list_recoveries())}"),
     ("recover.iterative_steps=0", "recover.iterative_steps=0"),
     ("recover.bn_images=1", "recover.bn_images=1"),
     ("recover=lstsq recover.ridge=-1", "recover.ridge=-1.0; must be >= 0"),
@@ -100,7 +100,7 @@ def test_cli_bad_value_prints_one_line_and_records_the_failure(tmp_path):
     assert proc.returncode == 2
     accepted = ", ".join(list_models())
     assert proc.stderr.strip().splitlines() == [
-        f"qsfm-run: error: unknown model 'resnet57'; accepted: {accepted}, tv_<torchvision model name> or "
+        f"qsfm-run: error: model.name=resnet57; accepted: {accepted}, tv_<torchvision model name>, "
         f"timm_<timm model name>"]
     failed = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert failed["status"] == "failed" and "resnet57" in failed["error"]

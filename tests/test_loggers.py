@@ -93,9 +93,9 @@ def test_a_failing_block_closes_every_logger_as_failed(tmp_path):
 
 
 def test_bad_calls_are_one_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="unknown logger 'wandb'; accepted: csv, mlflow, tensorboard"):
+    with pytest.raises(ValueError, match="^logger=wandb; accepted: csv, mlflow, tensorboard$"):
         get_logger("wandb")
-    with pytest.raises(ValueError, match="unknown option 'logdir' for logger 'csv'; accepted: save_dir, name"):
+    with pytest.raises(ValueError, match="^logger.logdir=x; accepted: logger.save_dir, logger.name$"):
         get_logger("csv", logdir="x")
     logger = get_logger("csv", save_dir=tmp_path)
     with pytest.raises(RuntimeError, match="call start"):

@@ -60,7 +60,7 @@ def test_torchvision_models_by_prefix():
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(ValueError, match=r"unknown model 'resnet57'; accepted: .*resnet56"):
+    with pytest.raises(ValueError, match=r"^model.name=resnet57; accepted: .*resnet56"):
         create_model("resnet57")
 
 

@@ -64,7 +64,7 @@ RESNET_TAMPERING = [
     (set_in("kwargs", "shortcut_indices", 1, [0]), "null or a list of 16 integers"),
     (set_in("kwargs", "depth", 1000), "kwargs key is 'depth'; accepted: stage_widths, mid_widths"),
     (set_in("shapes", {}), "architecture key is 'shapes'; accepted: name, num_classes, kwargs"),
-    (set_in("name", "resnet57"), "unknown model 'resnet57'"),
+    (set_in("name", "resnet57"), "model.name=resnet57; accepted: "),
     (lambda arch, state: arch.pop("name"), "architecture keys is ['kwargs', 'num_classes']"),
     (set_in("name", 56), "name is 56"),
     (set_in("num_classes", -3), "num_classes is -3; accepted: a positive integer"),

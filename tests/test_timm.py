@@ -35,7 +35,7 @@ def test_timm_spec_records_the_constructor_arguments():
 
 
 def test_unknown_timm_model_is_one_line():
-    with pytest.raises(ValueError, match="unknown model 'timm_resnet_nope': timm has no model 'resnet_nope'"):
+    with pytest.raises(ValueError, match=r"^model.name=timm_resnet_nope; accepted: timm_<a name in timm.list_models\(\)> \(timm has no 'resnet_nope'\)$"):
         create_model("timm_resnet_nope")
 
 

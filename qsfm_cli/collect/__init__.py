@@ -7,8 +7,6 @@ in the style of ``qsfm_cli.scoring``: each is a class in its own module of this 
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections import defaultdict
 
 import torch
@@ -16,8 +14,9 @@ from torch import nn
 
 from ..data import ImageSet
 from ..loaders import DeviceLoader
+from ..registry import import_modules
 from ..types import ChannelSet, LayerStats
-from .base import MeanStatistic, Statistic, StatRequest, get_statistic, list_statistics, register_statistic
+from .base import STATISTICS, MeanStatistic, Statistic, StatRequest, get_statistic, list_statistics, register_statistic
 
 
 def collect_stats(model: nn.Module, channel_sets: list[ChannelSet], images: ImageSet,
@@ -109,8 +108,7 @@ class _SetAccumulator:
         return LayerStats(num_images=self.num_images, dead=values.pop("dead"), values=values, counted=counted)
 
 
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+import_modules(__name__, __path__)
 
-__all__ = ["MeanStatistic", "StatRequest", "Statistic", "collect_stats", "get_statistic", "list_statistics",
+__all__ = ["STATISTICS", "MeanStatistic", "StatRequest", "Statistic", "collect_stats", "get_statistic", "list_statistics",
            "register_statistic"]

@@ -5,32 +5,17 @@ its ``kind``; the collector builds one instance per (channel set, request) and f
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-_REGISTRY: dict[str, type["Statistic"]] = {}
+from ..registry import Registry
 
-
-def register_statistic(cls: type["Statistic"]) -> type["Statistic"]:
-    """Register a statistic class under its ``kind``."""
-    if cls.kind in _REGISTRY and _REGISTRY[cls.kind] is not cls:
-        warnings.warn(f"statistic {cls.kind!r} registered twice; the later definition wins", stacklevel=2)
-    _REGISTRY[cls.kind] = cls
-    return cls
-
-
-def list_statistics() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def get_statistic(kind: str) -> type["Statistic"]:
-    """The statistic class registered as ``kind``."""
-    if kind not in _REGISTRY:
-        raise ValueError(f"unknown statistic {kind!r}; accepted: {', '.join(list_statistics())}")
-    return _REGISTRY[kind]
+STATISTICS: Registry[type["Statistic"]] = Registry("statistic", "statistic", name_of=lambda cls: cls.kind)
+register_statistic = STATISTICS.register
+get_statistic = STATISTICS.get
+list_statistics = STATISTICS.names
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,18 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping
 
 from ..files import atomic_write
+from ..registry import Registry
 
 STATUSES = ("ok", "failed", "interrupted")
+
+LOGGERS: Registry[type["Logger"]] = Registry("logger", "logger")
+register_logger = LOGGERS.register
+list_loggers = LOGGERS.names
+
+
+def get_logger(name: str, **options) -> "Logger":
+    """Build logger ``name`` with ``options`` (its constructor's keyword arguments)."""
+    return LOGGERS.build(name, options)
 
 
 class Logger(ABC):

@@ -5,8 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import write_csv, write_json
-from . import register_logger
-from .base import Logger, copy_into
+from .base import Logger, copy_into, register_logger
 
 
 @register_logger

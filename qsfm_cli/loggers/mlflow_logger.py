@@ -8,8 +8,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from . import register_logger
-from .base import Logger
+from .base import Logger, register_logger
 
 MLFLOW_STATUS = {"ok": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 BATCH = 100          # MLflow's limit on parameters per log_batch call

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import register_logger
-from .base import Logger, copy_into, safe_dirname, unique_dir
+from .base import Logger, copy_into, register_logger, safe_dirname, unique_dir
 
 
 @register_logger

@@ -34,8 +34,7 @@ def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     elif name.startswith("timm_"):
         model = create_timm(name, num_classes, **kwargs)
     else:
-        raise ValueError(f"unknown model {name!r}; accepted: {', '.join(list_models())}, "
-                         "tv_<torchvision model name> or timm_<timm model name>")
+        raise ValueError(MODELS.unknown(name, also=("tv_<torchvision model name>", "timm_<timm model name>")))
     # What rebuilds a model that no pruning adapter describes by its own fields (qsfm_cli.pruning's
     # Torch-Pruning fallback): a class does not know which builder made it.
     model.registry_spec = {"name": name, "num_classes": num_classes, "kwargs": dict(kwargs)}

@@ -27,7 +27,7 @@ def create(name: str, num_classes: int, **kwargs) -> nn.Module:
     timm = _timm()
     arch = name[len(PREFIX):]
     if not timm.is_model(arch):
-        raise ValueError(f"unknown model {name!r}: timm has no model {arch!r} (timm.list_models() lists them)")
+        raise ValueError(f"model.name={name}; accepted: timm_<a name in timm.list_models()> (timm has no {arch!r})")
     return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
 
 

@@ -24,19 +24,17 @@ The planner never edits weights and loads no data; it builds pruned copies only 
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..counting import MacsMeter
+from ..registry import import_modules
 from ..types import ChannelSet, Keep, Orders
 from .base import PROTOCOLS, PlanContext, Strategy, keep_from_counts, register_protocol, removed_count, settle
 
-for _module in pkgutil.iter_modules(__path__):  # each protocol registers itself when its module is imported
-    importlib.import_module(f"{__name__}.{_module.name}")
+import_modules(__name__, __path__)   # each protocol registers itself when its module is imported
 
 from .rates import MAX_RATES, parse_rates  # noqa: E402
 from .sensitivity import format_sensitivity, measure_sensitivity  # noqa: E402

@@ -3,7 +3,6 @@ settled against ``min_channels`` and ``round_to``."""
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -12,6 +11,7 @@ from torch import nn
 
 from ..counting import MacsMeter
 from ..pruning import apply_keep
+from ..registry import Registry
 from ..types import ChannelSet, Keep, Orders
 
 if TYPE_CHECKING:
@@ -125,13 +125,10 @@ class Strategy:
         raise NotImplementedError
 
 
-PROTOCOLS: dict[str, Strategy] = {}
+PROTOCOLS: Registry[Strategy] = Registry("protocol", "protocol")
 
 
 def register_protocol(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: make a protocol available to ``PlanSpec`` under ``cls.name`` (a name registered
-    twice warns; the later class wins)."""
-    if cls.name in PROTOCOLS:
-        warnings.warn(f"protocol {cls.name!r} is registered twice; the later class wins", stacklevel=2)
-    PROTOCOLS[cls.name] = cls()
+    """Class decorator: make a protocol available to ``PlanSpec`` under ``cls.name``."""
+    PROTOCOLS.register(cls())
     return cls

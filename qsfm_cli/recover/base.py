@@ -9,7 +9,8 @@ from torch import nn
 
 from ..data import ImageSet
 from ..collect.base import StatRequest
-from ..types import ChannelSet, Keep, LayerStats, Orders
+from ..registry import Registry
+from ..types import ChannelSet, Keep, LayerStats, Orders, SetStatus
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,9 @@ class Recovery:
     - ``fold``: before physical removal, editing a copy of the unpruned model in place from the statistics
       it ``requests()`` (e.g. folding removed maps into their consumers);
     - ``refit``: after removal, fitting the pruned model's kept weights to the original network on
-      ``calibration_images`` unlabeled training images, never changing a shape.
-    Both return, per channel set they looked at, what was done (e.g. "compensated") or "skipped: <why>".
+      ``calibration_images`` unlabeled training images (drawn with the run's ``seed``, which also seeds any
+      sampling the refit does), never changing a shape.
+    Both return, per channel set they looked at, a ``SetStatus``: what was done (e.g. "compensated"), or why not.
     """
 
     name: ClassVar[str] = ""
@@ -35,11 +37,12 @@ class Recovery:
         return set()
 
     def fold(self, model: nn.Module, sets: list[ChannelSet], stats: dict[str, LayerStats], orders: Orders,
-             keep: Keep) -> dict[str, str]:
+             keep: Keep) -> dict[str, SetStatus]:
         return {}
 
     def refit(self, original: nn.Module, pruned: nn.Module, sets: list[ChannelSet], keep: Keep,
-              images: ImageSet, *, device: str | torch.device = "cpu", progress: bool = False) -> dict[str, str]:
+              images: ImageSet, *, seed: int, device: str | torch.device = "cpu",
+              progress: bool = False) -> dict[str, SetStatus]:
         return {}
 
     def sensitivity_fold(self) -> "Recovery":
@@ -47,6 +50,19 @@ class Recovery:
         refit would cost one reconstruction per table entry; a method that has one names a fold that stands
         in for it."""
         return self
+
+
+RECOVERIES: Registry[type[Recovery]] = Registry("recovery", "recover.name")
+register_recovery = RECOVERIES.register
+list_recoveries = RECOVERIES.names
+
+
+@register_recovery
+@dataclass(frozen=True)
+class NoRecovery(Recovery):
+    """The pruned network as it comes out of pruning: the method's raw output."""
+
+    name = "none"
 
 
 @dataclass(frozen=True)
@@ -58,7 +74,7 @@ class RecoverySpec:
     statistics before each.
     """
 
-    method: Recovery = field(default_factory=lambda: _none())
+    method: Recovery = field(default_factory=NoRecovery)
     bn_images: int = 0
     bn_batch_size: int = 128
     iterative_steps: int = 1
@@ -87,7 +103,9 @@ class RecoverySpec:
                 "recovery_label": self.label}
 
 
-def _none() -> Recovery:
-    from . import get_recovery
-
-    return get_recovery("none").method
+def get_recovery(name: str = "none", *, bn_images: int = 0, bn_batch_size: int = 128, iterative_steps: int = 1,
+                 **options) -> RecoverySpec:
+    """The recovery ``name`` with its ``options`` (the method's dataclass fields; defaults for the rest)
+    and the settings every method shares."""
+    method = RECOVERIES.build(name, options, also=("bn_images", "bn_batch_size", "iterative_steps"))
+    return RecoverySpec(method, bn_images=bn_images, bn_batch_size=bn_batch_size, iterative_steps=iterative_steps)

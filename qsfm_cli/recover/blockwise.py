@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import ImageSet
-from ..types import ChannelSet, Keep
-from . import register_recovery
+from ..types import ChannelSet, Keep, SetStatus
+from .base import register_recovery
 from .sequential import Block, Sequential, reconstruct
 
 
@@ -40,8 +40,9 @@ def block_error(pruned: nn.Module, block: Block, x_p: torch.Tensor, target: torc
 
 
 def tune_block(pruned: nn.Module, block: Block, x_p: torch.Tensor, y_o: torch.Tensor, *, steps: int,
-               lr: float, batch_size: int) -> str:
-    """Adam on the block's reconstruction error (see the module docstring); says what it did."""
+               lr: float, batch_size: int, seed: int) -> str:
+    """Adam on the block's reconstruction error (see the module docstring), on minibatches drawn with
+    ``seed``; says what it did."""
     if block.modules == tuple(block.layers[:1]) or steps == 0:
         return ""
     target = y_o if block.keep is None else y_o[:, block.keep]
@@ -52,7 +53,7 @@ def tune_block(pruned: nn.Module, block: Block, x_p: torch.Tensor, y_o: torch.Te
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
         for _ in range(steps):
             pick = torch.randint(len(x_p), (min(batch_size, len(x_p)),), generator=generator).to(x_p.device)
@@ -91,10 +92,12 @@ class Blockwise(Sequential):
             raise ValueError(f"recover.lr={self.lr}; must be > 0")
 
     def refit(self, original: nn.Module, pruned: nn.Module, sets: list[ChannelSet], keep: Keep,
-              images: ImageSet, *, device: str | torch.device = "cpu", progress: bool = False) -> dict[str, str]:
+              images: ImageSet, *, seed: int, device: str | torch.device = "cpu",
+              progress: bool = False) -> dict[str, SetStatus]:
         def tune(block: Block, x_p: torch.Tensor, y_o: torch.Tensor) -> str:
-            return tune_block(pruned, block, x_p, y_o, steps=self.steps, lr=self.lr, batch_size=self.batch_size)
+            return tune_block(pruned, block, x_p, y_o, steps=self.steps, lr=self.lr, batch_size=self.batch_size,
+                              seed=seed)
 
         return reconstruct(original, pruned, sets, keep, images, ridge=self.ridge, batch_size=self.batch_size,
-                           positions=self.positions, target=self.target, tune=tune, device=device,
+                           positions=self.positions, seed=seed, target=self.target, tune=tune, device=device,
                            progress=progress)

@@ -22,19 +22,18 @@ import torch
 from torch import nn
 
 from ..collect.base import StatRequest
-from ..types import ChannelSet, Keep, LayerStats, Orders
-from . import register_recovery
-from .base import Recovery
+from ..types import ChannelSet, Keep, LayerStats, Orders, SetStatus
+from .base import Recovery, register_recovery
 
 MODES = ("twin", "lstsq")
 
 
 def compensate(model: nn.Module, channel_sets: list[ChannelSet], stats: dict[str, LayerStats], orders: Orders,
-               keep: Keep, mode: str, ridge: float = 1e-3) -> dict[str, str]:
+               keep: Keep, mode: str, ridge: float = 1e-3) -> dict[str, SetStatus]:
     """Edit, in place, the consumers of every set that loses channels under ``keep`` so that they
     approximate what they computed with all channels; call before ``apply_keep``.
 
-    Returns, per such set, "compensated" or "skipped: <why>" (for the log and ``metrics.json``).
+    Returns, per such set, what was done ("compensated") or why not (for the log and ``metrics.json``).
     """
     if mode not in MODES:
         raise ValueError(f"unknown compensation {mode!r}; accepted: {', '.join(MODES)}")
@@ -48,7 +47,7 @@ def compensate(model: nn.Module, channel_sets: list[ChannelSet], stats: dict[str
             continue
         reason = _skip_reason(model, s, stats.get(s.name), mode, orders.get(s.name))
         if reason:
-            status[s.name] = f"skipped: {reason}"
+            status[s.name] = SetStatus.skipped(reason)
             continue
         st = stats[s.name]
         mean = st.values["mean"].double().cpu()
@@ -61,7 +60,7 @@ def compensate(model: nn.Module, channel_sets: list[ChannelSet], stats: dict[str
             else:
                 const = _fold_lstsq(weight, kept, sorted(removed_set), mean, cov, ridge)
             _write(model, layer, norm, weight, const)
-        status[s.name] = "compensated"
+        status[s.name] = SetStatus(True, "compensated")
     return status
 
 
@@ -146,7 +145,7 @@ class _Compensation(Recovery):
         return {StatRequest.moments()}
 
     def fold(self, model: nn.Module, sets: list[ChannelSet], stats: dict[str, LayerStats], orders: Orders,
-             keep: Keep) -> dict[str, str]:
+             keep: Keep) -> dict[str, SetStatus]:
         return compensate(model, sets, stats, orders, keep, self.name, ridge=self.ridge)
 
 

@@ -33,9 +33,8 @@ from torch.nn.modules.conv import _ConvNd
 from ..data import ImageSet
 from ..loaders import DeviceLoader
 from ..pruning import block_of, shortcut
-from ..types import ChannelSet, Keep
-from . import register_recovery
-from .base import Recovery
+from ..types import ChannelSet, Keep, SetStatus
+from .base import Recovery, register_recovery
 from .compensate import LeastSquares
 
 TARGETS = ("block", "layer")
@@ -226,7 +225,7 @@ class Plan:
 
 
 def plan_blocks(pruned: nn.Module, sets: list[ChannelSet], keep: Keep, example: torch.Tensor,
-                status: dict[str, str]) -> Plan:
+                status: dict[str, SetStatus]) -> Plan:
     """The blocks holding the consumers to refit: those of every set from the first one (in forward
     order) that loses channels on; a set that cannot be handled gets its reason in ``status``."""
     first = next((i for i, s in enumerate(sets) if len(keep.get(s.name, range(s.size))) < s.size), len(sets))
@@ -236,11 +235,11 @@ def plan_blocks(pruned: nn.Module, sets: list[ChannelSet], keep: Keep, example: 
     set_of, norm_of = {}, {}
     for s in sets[first:]:
         if not s.consumers:
-            status[s.name] = f"skipped: {_NO_CONSUMER}"
+            status[s.name] = SetStatus.skipped(_NO_CONSUMER)
             continue
         reasons = [f"consumer {c}: {why}" for c in s.consumers if (why := fit_kind(pruned.get_submodule(c)))]
         if reasons:
-            status[s.name] = f"skipped: {reasons[0]}"
+            status[s.name] = SetStatus.skipped(reasons[0])
             continue
         for consumer, norm in zip(s.consumers, s.consumer_norms or ("",) * len(s.consumers)):
             modules = block_of(pruned, consumer)
@@ -251,7 +250,7 @@ def plan_blocks(pruned: nn.Module, sets: list[ChannelSet], keep: Keep, example: 
     traced = _trace(pruned, list(blocks.values()), example, kept_out)
     if isinstance(traced, str):
         for name in sorted(set(set_of.values())):
-            status[name] = f"skipped: {traced}"
+            status[name] = SetStatus.skipped(traced)
         return Plan([], {}, {})
     return Plan(traced, set_of, norm_of)
 
@@ -313,21 +312,21 @@ Tune = Callable[[Block, torch.Tensor, torch.Tensor], str]
 
 
 def reconstruct(original: nn.Module, pruned: nn.Module, sets: list[ChannelSet], keep: Keep,
-                images: ImageSet, *, ridge: float, batch_size: int, positions: int, target: str = "block",
-                tune: Tune | None = None, device: str | torch.device = "cpu",
-                progress: bool = False) -> dict[str, str]:
+                images: ImageSet, *, ridge: float, batch_size: int, positions: int, seed: int,
+                target: str = "block", tune: Tune | None = None, device: str | torch.device = "cpu",
+                progress: bool = False) -> dict[str, SetStatus]:
     """Refit ``pruned`` in place, block by block in forward order (see the module docstring), and return
-    per set "refit..." or "skipped: <why>". ``tune(block, x_p, y_o)``, given the block's inputs in the
-    pruned network and its outputs in the original one, runs after each block's least-squares fit and
-    says what it did."""
+    per set what was done ("refit...") or why not. ``seed`` draws the sampled pixel positions.
+    ``tune(block, x_p, y_o)``, given the block's inputs in the pruned network and its outputs in the
+    original one, runs after each block's least-squares fit and says what it did."""
     device = torch.device(device)
     original.to(device).eval()
     pruned.to(device).eval()
     loader = DeviceLoader(images, batch_size, device=device)
     example = next(iter(loader))[0][:1]
-    status: dict[str, str] = {}
+    status: dict[str, SetStatus] = {}
     plan = plan_blocks(pruned, sets, keep, example, status)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     blocks = plan.blocks
     if progress and blocks:
         from tqdm import tqdm
@@ -342,7 +341,7 @@ def reconstruct(original: nn.Module, pruned: nn.Module, sets: list[ChannelSet], 
                             batch_size=batch_size, positions=positions, target=target, generator=generator)
         note = tune(block, x_p, y_o) if tune is not None else ""
         for layer in block.layers:
-            status[plan.set_of[layer]] = "refit" + (f"; {note}" if note else "")
+            status[plan.set_of[layer]] = SetStatus(True, "refit" + (f"; {note}" if note else ""))
         x_p, x_o = _map(lambda x: block.run(pruned, x), x_p, batch_size), y_o
     return {s.name: status[s.name] for s in sets if s.name in status}
 
@@ -373,9 +372,11 @@ class Sequential(Recovery):
         return LeastSquares(ridge=self.ridge)
 
     def refit(self, original: nn.Module, pruned: nn.Module, sets: list[ChannelSet], keep: Keep,
-              images: ImageSet, *, device: str | torch.device = "cpu", progress: bool = False) -> dict[str, str]:
+              images: ImageSet, *, seed: int, device: str | torch.device = "cpu",
+              progress: bool = False) -> dict[str, SetStatus]:
         return reconstruct(original, pruned, sets, keep, images, ridge=self.ridge, batch_size=self.batch_size,
-                           positions=self.positions, target=self.target, device=device, progress=progress)
+                           positions=self.positions, seed=seed, target=self.target, device=device,
+                           progress=progress)
 
 
 def check_options(r) -> None:

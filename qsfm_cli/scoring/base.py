@@ -8,8 +8,23 @@ import torch
 from torch import nn
 
 from ..collect.base import StatRequest
-from ..types import ChannelSet, LayerStats, Order
+from ..registry import Registry
 from ..similarity import check_metric_options
+from ..types import ChannelSet, LayerStats, Order
+
+SCORERS: Registry[type["Scorer"]] = Registry("scorer", "scorer.name")
+register_scorer = SCORERS.register
+list_scorers = SCORERS.names
+
+
+def get_scorer(name: str, **options) -> "Scorer":
+    """Build scorer ``name`` with ``options`` (each scorer's dataclass fields; defaults for the rest)."""
+    return SCORERS.build(name, options)
+
+
+def threshold_scorers() -> list[str]:
+    """Scorers whose orders carry threshold values (what prune.threshold compares)."""
+    return [name for name, cls in SCORERS.items() if cls.threshold_rule]
 
 
 @runtime_checkable

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import register_scorer
-from .base import StatisticScorer
+from .base import StatisticScorer, register_scorer
 
 
 @register_scorer

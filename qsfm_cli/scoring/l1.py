@@ -5,8 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import register_scorer
-from .base import FilterScorer
+from .base import FilterScorer, register_scorer
 
 
 @register_scorer

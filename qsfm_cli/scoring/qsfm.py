@@ -9,8 +9,7 @@ import numpy as np
 import torch
 
 from ..types import Order
-from . import register_scorer
-from .base import SimilarityOptions, checked_dead
+from .base import SimilarityOptions, checked_dead, register_scorer
 
 
 def qsfm_order(S: torch.Tensor, dead: Iterable[int] = ()) -> tuple[list[int], list[int]]:

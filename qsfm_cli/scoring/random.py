@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from ..types import ChannelSet, LayerStats, Order
-from . import register_scorer
-from .base import ScorerOptions
+from .base import ScorerOptions, register_scorer
 
 
 @register_scorer

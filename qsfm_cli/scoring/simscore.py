@@ -8,8 +8,7 @@ from typing import Iterable
 import torch
 
 from ..types import Order
-from . import register_scorer
-from .base import SimilarityOptions, checked_dead
+from .base import SimilarityOptions, checked_dead, register_scorer
 
 
 def simscore_order(S: torch.Tensor, dead: Iterable[int] = ()) -> tuple[list[int], list[float]]:
