@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qsfm_cli import models
 from qsfm_cli.models import create_model, register_model
 from qsfm_cli.pruning import (Block, apply_keep, architecture, block_of, blocks, build_model, channel_sets,
                               register_adapter, shortcut, stream_blocks)
@@ -99,9 +98,8 @@ class ToyAdapter(WidthsAdapter):
 
 
 @pytest.fixture
-def toy_family(monkeypatch):
+def toy_family(monkeypatch, scratch_models):
     """The toy family registered by the public functions, for this test only."""
-    monkeypatch.setattr(models.MODELS, "_items", dict(models.MODELS._items))
     monkeypatch.setattr(base, "_ADAPTERS", dict(base._ADAPTERS))
     register_model(toy_resnet)
     register_adapter(ToyResNet)(ToyAdapter)
