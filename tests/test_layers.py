@@ -53,3 +53,9 @@ def test_circles_finds_a_loop_through_three_modules_and_nothing_in_a_chain():
 def test_the_layers_contract_holds():
     assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0
 
+
+
+def test_no_module_imports_itself_through_others():
+    graph = grimp.build_graph("qsfm_cli", exclude_type_checking_imports=True, cache_dir=None)
+    imports = {m: set(graph.find_modules_directly_imported_by(m)) for m in graph.modules}
+    assert circles(imports) == []
