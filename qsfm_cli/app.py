@@ -103,7 +103,7 @@ def build_experiment(cfg: DictConfig, run_dir: Path) -> Experiment:
         eval=EvalSpec(**plain(cfg.eval)),
         export=ExportSpec(**plain(cfg.export)),
         scorer=build(cfg.scorer),
-        reference=papers.reference(cfg.reference).as_dict() if cfg.reference else None,
+        reference=reference_of(cfg),
         device=str(resolve_device(cfg.device, job_slot())),
     )
     train_set, test_set = build(cfg.dataset)
@@ -130,6 +130,14 @@ def build_experiment(cfg: DictConfig, run_dir: Path) -> Experiment:
         run_name=run_name(run_dir),
         **specs,
     )
+
+
+def reference_of(cfg: DictConfig) -> dict[str, Any] | None:
+    """The ``reference:`` row of the config, only where it describes this run (model, dataset, scorer)."""
+    row, why = papers.attached_reference(cfg.reference, cfg.model.name, cfg.dataset.name, cfg.scorer.name)
+    if why:
+        log.warning("%s", why)
+    return row.as_dict() if row else None
 
 
 def within(section: str, make: Callable[[Any], T], values: Any) -> T:

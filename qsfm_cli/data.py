@@ -43,11 +43,19 @@ class ImageSet:
         return replace(self, images=self.images[index], labels=self.labels[index])
 
     def sample(self, n: int, seed: int) -> "ImageSet":
-        """``n`` images drawn without replacement, the same ones for the same seed."""
+        """``n`` images drawn without replacement, the same ones for the same seed: the first ``n`` of a
+        seeded permutation, so a smaller sample is part of a larger one."""
         if n >= len(self):
             return self
-        g = torch.Generator().manual_seed(seed)
-        return self.subset(torch.randperm(len(self), generator=g)[:n].sort().values)
+        return self.subset(_permutation(len(self), seed)[:n].sort().values)
+
+    def held_out(self, n: int, seed: int, *, skip: int = 0) -> "ImageSet":
+        """``n`` images from the END of ``sample``'s permutation, after leaving out its last ``skip``: apart
+        from every ``sample(m, seed)`` with ``m + skip + n <= len(self)`` and from ``held_out(skip, seed)``."""
+        if not (0 < n and skip + n <= len(self)):
+            raise ValueError(f"{n} held-out images after {skip} others; this set has {len(self)}")
+        end = len(self) - skip
+        return self.subset(_permutation(len(self), seed)[end - n:end].sort().values)
 
     def content_key(self) -> str:
         """Identity of the images and labels for cache keys (a ``FolderSet`` has its own)."""
@@ -55,6 +63,10 @@ class ImageSet:
 
     def with_normalization(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> "ImageSet":
         return replace(self, mean=tuple(mean) if mean else self.mean, std=tuple(std) if std else self.std)
+
+
+def _permutation(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
 DATASETS = ("cifar10", "cifar100", "digits", "fake")

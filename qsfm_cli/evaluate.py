@@ -1,5 +1,6 @@
 """Evaluation stage: accuracy, MACs and parameters counted as the papers do (``qsfm_cli.counting``), and
-latency; the held-out loss the planner is given to measure pruned copies."""
+latency; the label-free divergence the planner is given to measure pruned copies; a model's fidelity to
+the original on held-out training images (what recipes are chosen by)."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -32,26 +33,41 @@ def accuracy(model: nn.Module, ds: ImageSet | FolderSet, *, device: str | torch.
     return 100.0 * hits1 / len(ds), 100.0 * hits5 / len(ds)
 
 
-def heldout_loss(train_set: ImageSet, n: int, *, skip: int, seed: int, batch_size: int = 256,
-                 device: str | torch.device = "cpu") -> Callable[[nn.Module], float]:
-    """Mean cross-entropy of a model on ``n`` training images that ``train_set.sample(skip, seed)`` (the
-    images whose statistics were collected) does not hold: the same seeded permutation, next slice."""
-    perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))
-    index = perm[skip:skip + n] if skip < len(train_set) else perm[:0]
-    if len(index) == 0:
-        raise ValueError(f"no training images left for the sensitivity slice: {len(train_set)} images, "
-                         f"{skip} used for statistics; lower collect.num_images")
-    images = train_set.subset(index.sort().values)
+@torch.no_grad()
+def _log_probs(model: nn.Module, images: ImageSet, batch_size: int, device: str | torch.device) -> torch.Tensor:
+    model.eval()
+    return torch.cat([F.log_softmax(model(x).float(), dim=1)
+                      for x, _ in make_loader(images, batch_size, device=device, train=False, path="device")])
 
-    @torch.no_grad()
+
+def divergence_from(reference: nn.Module, images: ImageSet, *, batch_size: int = 256,
+                    device: str | torch.device = "cpu") -> Callable[[nn.Module], float]:
+    """How far a model's outputs moved from ``reference``'s on ``images``: the mean over images of
+    KL(p_reference || p_model) of the class probabilities. No label is read; the reference's
+    probabilities are computed once."""
+    target = _log_probs(reference, images, batch_size, device)
+
     def loss_of(model: nn.Module) -> float:
-        model.eval()
-        total = 0.0
-        for x, y in make_loader(images, batch_size, device=device, train=False):
-            total += F.cross_entropy(model(x), y, reduction="sum").item()
-        return total / len(images)
+        return _kl(target, _log_probs(model, images, batch_size, device))
 
     return loss_of
+
+
+def _kl(target: torch.Tensor, log_probs: torch.Tensor) -> float:
+    return float((target.exp() * (target - log_probs)).sum(1).mean())
+
+
+def fidelity(reference: nn.Module, model: nn.Module, images: ImageSet, *, batch_size: int = 256,
+             device: str | torch.device = "cpu") -> dict[str, float]:
+    """``model`` against ``reference`` on ``images`` (held-out training images that choose a recipe): top-1
+    against the labels, agreement with the reference's predictions, and KL(p_reference || p_model)."""
+    target = _log_probs(reference, images, batch_size, device)
+    log_probs = _log_probs(model, images, batch_size, device)
+    labels = images.labels.to(log_probs.device)
+    prediction = log_probs.argmax(1)
+    return {"images": len(images), "top1": 100.0 * float((prediction == labels).float().mean()),
+            "agreement": 100.0 * float((prediction == target.argmax(1)).float().mean()),
+            "kl": _kl(target, log_probs)}
 
 
 def evaluate(model: nn.Module, test: ImageSet | FolderSet, *, device: str | torch.device = "cpu",

@@ -142,6 +142,20 @@ def reference(key: str) -> Reference:
     raise ValueError(f"unknown reference {key!r}; accepted: {', '.join(r.key for r in REFERENCES)}")
 
 
+def attached_reference(key: str | None, model: str, dataset: str, method: str) -> tuple[Reference | None, str]:
+    """The published row ``key`` names, when it describes this run (same model, dataset and criterion),
+    and "" ; else ``None`` and why it is not attached (a row is never shown beside another run's)."""
+    if not key:
+        return None, ""
+    row = reference(key)
+    ours = {"model": model, "dataset": dataset, "scorer": method}
+    theirs = {"model": row.model, "dataset": row.dataset, "scorer": row.method}
+    differ = [f"{k}={ours[k]} (the row's: {theirs[k]})" for k in ours if ours[k] != theirs[k]]
+    if differ:
+        return None, f"reference {key} not attached: {', '.join(differ)}"
+    return row, ""
+
+
 def references_for(model: str, dataset: str, method: str | None = None) -> list[Reference]:
     """Published rows for ``model`` on ``dataset`` (and criterion ``method`` when given)."""
     return [r for r in REFERENCES

@@ -21,7 +21,7 @@ from .baseline import trained_baseline
 from .cache import Cache, fingerprint, model_fingerprint
 from .collect import collect_stats
 from .data import ImageSet
-from .evaluate import accuracy, evaluate, evaluate_pair, heldout_loss
+from .evaluate import accuracy, divergence_from, evaluate, evaluate_pair, fidelity
 from .export import ONNX_FILE, ExportSpec, check_onnx, export_onnx
 from .latency import MIN_REPEATS, RUNTIMES, PairLatency
 from .loaders import input_shape, make_loader
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SEED_LIMIT = 2 ** 63   # torch's generators take any seed below this
+# What the sensitivity table measures: no label is read in the plan.
+LOSS = "KL(original || pruned) of the class probabilities on held-out training images"
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,14 @@ class CollectSpec:
 @dataclass(frozen=True)
 class EvalSpec:
     """The ``eval`` config node: the accuracy batch, and the batch sizes, repeats and runtimes of the
-    latency (base and pruned timed together, ``latency.measure_pair``)."""
+    latency (base and pruned timed together, ``latency.measure_pair``); ``select_images`` held-out training
+    images on which the final model is compared with the unpruned one (0: off), to choose recipes by."""
 
     batch_size: int = 500
     latency_batches: tuple[int, ...] = (1, 64)
     latency_repeats: int = 20
     runtimes: tuple[str, ...] = ("torch",)
+    select_images: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "latency_batches", tuple(self.latency_batches))
@@ -79,6 +83,8 @@ class EvalSpec:
         if self.latency_batches and self.latency_repeats < MIN_REPEATS:
             raise ValueError(f"eval.latency_repeats={self.latency_repeats}; must be >= {MIN_REPEATS} (a spread "
                              f"needs them)")
+        if self.select_images < 0:
+            raise ValueError(f"eval.select_images={self.select_images}; must be >= 0 (0: off)")
         if any(b < 1 for b in self.latency_batches):
             raise ValueError(f"eval.latency_batches={list(self.latency_batches)}; every batch size must be >= 1 "
                              f"(an empty list measures no latency)")
@@ -189,6 +195,34 @@ def resolve_device(name: str, slot: int = 0) -> torch.device:
     if not available.get(device.type, True):
         raise ValueError(f"device {name!r} requested but {device.type} is not available; accepted here: auto, cpu")
     return device
+
+
+def sensitivity_images(exp: Experiment) -> ImageSet:
+    """The sensitivity table's images: the last ``prune.sensitivity_images`` of the seeded permutation
+    whose first images are the collected and calibration ones (``check_splits``)."""
+    return exp.train_set.held_out(exp.plan.sensitivity_images, exp.seed)
+
+
+def select_images(exp: Experiment) -> ImageSet:
+    """The held-out images a recipe is chosen by: before the sensitivity images, from the same end."""
+    return exp.train_set.held_out(exp.eval.select_images, exp.seed, skip=exp.plan.sensitivity_images)
+
+
+def check_splits(exp: Experiment) -> None:
+    """Refuse, before any work, training splits that would overlap: the statistics, calibration and BatchNorm
+    images are the first ones of a seeded permutation of the training images, the sensitivity and selection
+    images its last ones."""
+    first = {"collect.num_images": exp.collect.num_images,
+             "recover.images": exp.recovery.method.calibration_images, "recover.bn_images": exp.recovery.bn_images}
+    last = {"prune.sensitivity_images": exp.plan.sensitivity_images if exp.plan.allocation == "sensitivity"
+            or exp.eval.select_images else 0, "eval.select_images": exp.eval.select_images}
+    if not any(last.values()):
+        return
+    used = max(first.values()) + sum(last.values())
+    if used > len(exp.train_set):
+        parts = ", ".join(f"{k}={v}" for k, v in {**first, **last}.items() if v)
+        raise ValueError(f"{parts}: {used} training images, this training set has {len(exp.train_set)}; the "
+                         f"sensitivity and selection images must be apart from the others: lower them")
 
 
 def load_baseline(exp: Experiment, cache: Cache) -> nn.Module:
@@ -312,19 +346,19 @@ def plan_stage(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats: 
     def prune_fn(keep: Keep) -> nn.Module:
         return apply_keep(folded(method, model, sets, stats, orders, keep), keep, example)
 
-    loss_of = heldout_loss(exp.train_set, plan.sensitivity_images, skip=exp.collect.num_images, seed=exp.seed,
-                           device=exp.device)
+    held_out = sensitivity_images(exp)
+    loss_of = divergence_from(model, held_out, device=exp.device)
     # The table depends on the recovery only through the fold in force there.
     fold = (method.name, method.options()) if has_fold(method) else None
-    key = fingerprint("sensitivity", orders_key, plan.sensitivity_grid, plan.sensitivity_images,
-                      plan.min_channels, plan.round_to, fold)
+    key = fingerprint("sensitivity", orders_key, plan.sensitivity_grid, held_out.images, LOSS, plan.min_channels,
+                      plan.round_to, fold)
     sensitivity = ctx.cached("sensitivity", key, lambda: measure_sensitivity(
         sets, orders, plan.sensitivity_grid, prune_fn, loss_of, MacsMeter(model, example), plan.min_channels,
         round_to=plan.round_to, progress=exp.progress))
     log.info("sensitivity (loss increase per ratio):\n%s", format_sensitivity(sensitivity))
     plan_info = make_keep(orders, sets, plan, model=model, example_input=example, loss_of=loss_of,
                           prune_fn=prune_fn, sensitivity=sensitivity)[1]
-    return {**plan_info, "sensitivity_fold": method.name}
+    return {**plan_info, "sensitivity_fold": method.name, "sensitivity_loss": LOSS}
 
 
 def cached_prune_and_recover(model: nn.Module, sets: list[ChannelSet], orders: Orders,
@@ -418,6 +452,7 @@ def run_stages(exp: Experiment, ctx: RunContext) -> tuple[Results, nn.Module]:
     bare = create_model(exp.model_name, num_classes=exp.train_set.num_classes, **exp.model_kwargs).eval()
     exp.plan.validate(channel_sets(bare, example, scope=exp.plan.scope), bare, scorer=exp.scorer,
                       threshold_scorers=threshold_scorers())
+    check_splits(exp)
     with ctx.stage("baseline"):
         model = load_baseline(exp, ctx.cache).to(exp.device).eval()
     example = example.to(exp.device)
@@ -446,11 +481,15 @@ def run_stages(exp: Experiment, ctx: RunContext) -> tuple[Results, nn.Module]:
             top1, top5 = accuracy(pruned, exp.test_set, device=exp.device, batch_size=exp.eval.batch_size)
             final = replace(after_prune, top1=top1, top5=top5)
 
+    select = {}
+    if exp.eval.select_images:
+        with ctx.stage("select"):
+            select = fidelity(model, pruned, select_images(exp), device=exp.device)
     pruned_sets = {s.name: s.size for s in channel_sets(pruned, example, scope=exp.plan.scope)}
     kept = {s.name: {"kept": pruned_sets.get(s.name, 0), "total": s.size} for s in sets}
     latency = {f"{p.runtime}/b{p.batch}": p.to_dict() for p in pairs}
     return Results(base, after_prune, final, kept, plan_info, {name: str(done) for name, done in recovered.items()},
-                   latency), pruned
+                   latency, select), pruned
 
 
 def epoch_metrics(logger: "Logger") -> Callable[[dict[str, Any]], None]:

@@ -127,7 +127,9 @@ class Results:
     """What a finished run measured. ``pruned``: right after pruning and recovery; ``final``: after
     fine-tuning (``pruned`` without it). ``recovery``: per channel set, what the recovery did.
     ``latency``: per ``<runtime>/b<batch>``, base and pruned timed together (``PairLatency.to_dict()``):
-    medians, spreads, speed-up and whether it can be trusted."""
+    medians, spreads, speed-up and whether it can be trusted. ``select``: the final model against the
+    unpruned one on held-out training images (``evaluate.fidelity``; empty unless ``eval.select_images``),
+    the figures recipes are chosen by; the test set gives the reported figure only."""
 
     base: Metrics
     pruned: Metrics
@@ -136,17 +138,18 @@ class Results:
     plan: dict[str, Any]
     recovery: dict[str, str]
     latency: dict[str, dict[str, Any]] = field(default_factory=dict)
+    select: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"base": self.base.to_dict(), "pruned": self.pruned.to_dict(), "final": self.final.to_dict(),
                 "kept_channels": self.kept_channels, "plan": self.plan, "recovery": self.recovery,
-                "latency": self.latency}
+                "latency": self.latency, "select": self.select}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Results":
         return cls(base=Metrics(**d["base"]), pruned=Metrics(**d["pruned"]), final=Metrics(**d["final"]),
                    kept_channels=d["kept_channels"], plan=d["plan"], recovery=d["recovery"],
-                   latency=d.get("latency") or {})
+                   latency=d.get("latency") or {}, select=d.get("select") or {})
 
 
 @dataclass

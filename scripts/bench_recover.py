@@ -6,8 +6,9 @@
 
 Per scorer (``--scorers``): statistics of the public checkpoint on ``--collect-images`` training images,
 the removal orders, and per allocation (``--allocation``) one plan removing 48.27% of the MACs
-(``PlanSpec(target_macs_reduction=0.4827, allocation=...)``; ``sensitivity`` measures each set's held-out
-loss on 256 further training images, pruned without compensation); then each recovery (``--methods``)
+(``PlanSpec(target_macs_reduction=0.4827, allocation=...)``; ``sensitivity`` measures each set's
+divergence from the unpruned network on 256 held-out training images, no labels, pruned without
+compensation); then each recovery (``--methods``)
 applied to its own copy of the pruned model, the wall time of the recovery alone, and top-1 on
 ``--test-images`` CIFAR-10 test images (all 10,000 by default, else a seeded sample). ``lstsq+bn`` is the
 moments fold of ``qsfm_cli.recover.compensate`` then BatchNorm re-estimation on the calibration images;
@@ -30,10 +31,10 @@ from qsfm_cli.checkpoints import PRETRAINED_MEAN, PRETRAINED_STD, load_weights
 from qsfm_cli.collect import collect_stats
 from qsfm_cli.data import load_dataset
 from qsfm_cli.counting import count_macs, count_params
-from qsfm_cli.evaluate import accuracy
+from qsfm_cli.evaluate import accuracy, divergence_from
 from qsfm_cli.models import create_model
 from qsfm_cli.files import atomic_write
-from qsfm_cli.plan import ALLOCATIONS, PlanSpec, heldout_loss, make_keep
+from qsfm_cli.plan import ALLOCATIONS, PlanSpec, make_keep
 from qsfm_cli.pruning import apply_keep, channel_sets
 from qsfm_cli.recover import get_recovery, recalibrate_bn
 from qsfm_cli.recover.compensate import compensate
@@ -108,8 +109,8 @@ def main() -> None:
                               progress=args.progress)
         orders = scorer.score(model, sets, stats)
         for allocation in args.allocation:
-            loss_of = (heldout_loss(train, SENSITIVITY_IMAGES, skip=args.collect_images, seed=args.seed,
-                                    device=args.device) if allocation == "sensitivity" else None)
+            loss_of = (divergence_from(model, train.held_out(SENSITIVITY_IMAGES, args.seed), device=args.device)
+                       if allocation == "sensitivity" else None)
             keep, _ = make_keep(orders, sets, PlanSpec(target_macs_reduction=TARGET, allocation=allocation),
                                 model=model, example_input=example, loss_of=loss_of)
             for method in args.methods:

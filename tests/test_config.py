@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 from torch import nn
 
-from qsfm_cli.app import build, config_dir
+from qsfm_cli.app import build, config_dir, reference_of
 from qsfm_cli.models import create_model
 from qsfm_cli.papers import reference
 from qsfm_cli.plan import PlanSpec
@@ -86,6 +86,21 @@ def test_experiment_options_resolve(name):
     assert container["model"]["name"] and container["dataset"]["name"]
     if cfg.reference:
         assert reference(cfg.reference).model == cfg.model.name
+        assert reference_of(cfg) == reference(cfg.reference).as_dict()   # each shipped experiment is its row's run
+
+
+@pytest.mark.parametrize("overrides, why", [
+    ((), ""),
+    (("model=resnet20",), "model=resnet20 (the row's: resnet56)"),
+    (("dataset=fake",), "dataset=fake (the row's: cifar10)"),
+    (("model=resnet20", "scorer=l1"), "model=resnet20 (the row's: resnet56), scorer=l1 (the row's: qsfm)"),
+])
+def test_reference_row_is_attached_only_to_the_run_it_describes(overrides, why, caplog):
+    row = reference_of(composed("experiment=qsfm_resnet56_posttrain", *overrides))
+    if why:
+        assert row is None and f"reference qsfm_resnet56 not attached: {why}" in caplog.text
+    else:
+        assert row == reference("qsfm_resnet56").as_dict() and "not attached" not in caplog.text
 
 
 def test_defaults_run_the_product_command():

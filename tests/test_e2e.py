@@ -123,13 +123,25 @@ def test_sensitivity_table_is_cached_with_the_scores(tmp_path):
     overrides = ("prune=sensitivity", "prune.target_macs_reduction=0.3", "prune.sensitivity_grid=[0.25,0.5]",
                  "prune.sensitivity_images=32", "recover=lstsq")
     first = run_experiment(experiment(tmp_path, *overrides, run="a"))
-    second = run_experiment(experiment(tmp_path, *overrides, run="b"))
+    second = run_experiment(experiment(tmp_path, *overrides, "eval.select_images=48", run="b"))
     assert (first.cache["sensitivity"], second.cache["sensitivity"]) == ("miss", "hit")
+    assert first.results.plan["sensitivity_loss"].startswith("KL(original || pruned)")
+    assert first.results.select == {} and second.results.select["images"] == 48
+    assert 0 < second.results.select["agreement"] <= 100 and second.results.select["kl"] >= 0
     reached = 1 - first.results.final.macs / first.results.base.macs
     assert abs(reached - 0.3) <= 0.005 + 1e-9
     assert first.results.kept_channels == second.results.kept_channels
     # the sensitivity table is measured in the plan stage, not in the prune stage
     assert first.timings_s["plan"] > first.timings_s["prune"]
+
+
+def test_overlapping_training_splits_are_refused_before_any_work(tmp_path):
+    exp = experiment(tmp_path, "prune=sensitivity", "prune.target_macs_reduction=0.3", "prune.sensitivity_images=400",
+                     "eval.select_images=64")
+    with pytest.raises(ValueError, match=r"^collect.num_images=64, prune.sensitivity_images=400, eval.select_images=64: "
+                                         r"528 training images, this training set has 512; the sensitivity"):
+        run_experiment(exp)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*baseline*"))
 
 
 def test_refits_measure_the_sensitivity_table_with_lstsq_fold_standing_in(tmp_path):

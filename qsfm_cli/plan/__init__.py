@@ -54,7 +54,7 @@ def make_keep(orders: Orders, sets: list[ChannelSet], plan: PlanSpec, *, model: 
     """Kept channel indices of every set in ``sets``, and a JSON-able record of the plan.
 
     ``model``/``example_input`` are needed by the MACs target (and give the paper rate layouts);
-    ``loss_of`` (e.g. ``evaluate.heldout_loss``) by ``allocation=sensitivity``, which prunes through
+    ``loss_of`` (e.g. ``evaluate.divergence_from``) by ``allocation=sensitivity``, which prunes through
     ``prune_fn`` (default: ``apply_keep`` without compensation) and reuses a ``sensitivity`` table when
     given; ``progress`` shows a bar while that table is measured. The record holds the removal counts,
     what a search reached, notes, and the sensitivity table.

@@ -108,8 +108,8 @@ def sensitivity_counts(ctx: PlanContext, tolerance: float) -> tuple[Counts, dict
     add up) is within ``tolerance``."""
     spec, sets = ctx.spec, ctx.sets
     if ctx.loss_of is None and ctx.sensitivity is None:
-        raise ValueError("prune.allocation=sensitivity needs loss_of, the held-out loss of a model "
-                         "(qsfm_cli.evaluate.heldout_loss)")
+        raise ValueError("prune.allocation=sensitivity needs loss_of, how far a pruned copy moved on held-out "
+                         "images (qsfm_cli.evaluate.divergence_from)")
     table = ctx.sensitivity
     if table is None:
         table = measure_sensitivity(sets, ctx.orders, spec.sensitivity_grid, ctx.pruner(), ctx.loss_of,
