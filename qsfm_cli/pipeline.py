@@ -31,6 +31,7 @@ from .plan import MacsMeter, PlanSpec, format_sensitivity, keep_from_counts, mak
 from .pruning import apply_keep, architecture, build_model, channel_sets
 from .record import FAILED, OK, Metrics, Results, RunRecord, Settings, error_text
 from .recover import Recovery, RecoverySpec, recalibrate_bn
+from .recover.distill import distill
 from .scoring import Scorer, StatRequest, threshold_scorers
 from .train import Execution, TrainRecipe, check_resumable, train
 from .types import ChannelSet, Keep, LayerStats, Order, Orders, SetStatus
@@ -43,6 +44,7 @@ T = TypeVar("T")
 
 SEED_LIMIT = 2 ** 63   # torch's generators take any seed below this
 # What the sensitivity table measures: no label is read in the plan.
+NETWORK = "(network)"   # the recovery status of a step that repairs the whole network, not one set
 LOSS = "KL(original || pruned) of the class probabilities on held-out training images"
 
 
@@ -213,7 +215,8 @@ def check_splits(exp: Experiment) -> None:
     images are the first ones of a seeded permutation of the training images, the sensitivity and selection
     images its last ones."""
     first = {"collect.num_images": exp.collect.num_images,
-             "recover.images": exp.recovery.method.calibration_images, "recover.bn_images": exp.recovery.bn_images}
+             "recover.images": exp.recovery.method.calibration_images, "recover.bn_images": exp.recovery.bn_images,
+             "recover.distill_images": exp.recovery.distill_images if exp.recovery.distill_steps else 0}
     last = {"prune.sensitivity_images": exp.plan.sensitivity_images if exp.plan.allocation == "sensitivity"
             or exp.eval.select_images else 0, "eval.select_images": exp.eval.select_images}
     if not any(last.values()):
@@ -384,7 +387,8 @@ def cached_prune_and_recover(model: nn.Module, sets: list[ChannelSet], orders: O
 def prune_and_recover(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats: dict[str, LayerStats],
                       removed: dict[str, int], exp: Experiment, ctx: RunContext, example: torch.Tensor
                       ) -> tuple[nn.Module, dict[str, SetStatus]]:
-    """Prune stage and recover stage, in ``exp.recovery.iterative_steps`` steps, then BN re-estimation.
+    """Prune stage and recover stage, in ``exp.recovery.iterative_steps`` steps, then distillation and BN
+    re-estimation when asked.
 
     ``removed`` holds the plan's per-set removal counts, reached in equal steps; removed channels never come
     back. Each step folds (before the channels go), removes, and refits against the model it started from
@@ -415,6 +419,12 @@ def prune_and_recover(model: nn.Module, sets: list[ChannelSet], orders: Orders, 
     for name, outcome in status.items():
         if not outcome.done:
             log.warning("recovery %s: %s", name, outcome)
+    if spec.distill_steps:
+        with ctx.stage("distill"):
+            # the whole network's repair, recorded beside the per-set statuses under its own key
+            status[NETWORK] = SetStatus(True, distill(
+                model, current, exp.train_set.sample(spec.distill_images, exp.seed), steps=spec.distill_steps,
+                lr=spec.distill_lr, batch_size=spec.distill_batch_size, device=exp.device, seed=exp.seed))
     if spec.bn_images:
         with ctx.stage("recover"):
             recalibrate_bn(current, exp.train_set, spec.bn_images, batch_size=spec.bn_batch_size,

@@ -81,6 +81,7 @@ class Settings:
                    "iterative_steps": recovery.iterative_steps}
         if recovery.bn_images:
             recover["bn_batch_size"] = recovery.bn_batch_size
+        recover.update(recovery.distillation())
         # Without fine-tuning the recipe's other fields change nothing.
         tuned = finetune.to_dict() if finetune.epochs else {"epochs": 0}
         return cls(model=dict(model), dataset=dict(dataset), scorer={"name": scorer.name, **options},

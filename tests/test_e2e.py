@@ -223,3 +223,11 @@ def test_compensation_reuses_the_scorers_cached_statistics_and_scores(tmp_path):
     assert compensated.cache["orders"] == "hit" and compensated.cache["stats"] == "miss"
     assert twin.cache == {"stats": "hit", "orders": "hit", "recovered": "miss"}
     assert compensated.results.kept_channels == plain.results.kept_channels
+
+
+def test_distillation_runs_after_the_recovery_and_is_named(tmp_path):
+    record = run_experiment(experiment(tmp_path, "recover=sequential", "recover.images=32", "recover.distill_steps=3",
+                                       "recover.distill_images=48"))
+    assert record.settings.recovery == "sequential+distill3" and record.settings.recover["distill_images"] == 48
+    assert record.results.recovery["(network)"].startswith(("distilled: logit error", "distillation: 3 Adam"))
+    assert record.timings_s["distill"] > 0

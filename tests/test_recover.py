@@ -14,6 +14,7 @@ from qsfm_cli.pruning import apply_keep, channel_sets
 from qsfm_cli.recover import get_recovery, recalibrate_bn
 from qsfm_cli.recover.blockwise import block_error
 from qsfm_cli.recover.compensate import compensate
+from qsfm_cli.recover.distill import distill
 from qsfm_cli.recover.sequential import Block
 from qsfm_cli.scoring import get_scorer
 from qsfm_cli.scoring.base import StatRequest
@@ -199,3 +200,37 @@ def test_bad_options_fail_with_one_line(options, message):
 def test_calibration_images_follow_the_option():
     assert get_recovery("sequential", images=300).method.calibration_images == 300
     assert get_recovery("blockwise").method.calibration_images == 2048
+
+
+def test_distillation_brings_the_outputs_closer_without_reading_a_label():
+    data = images(64)
+    data.labels.fill_(-1)                      # a label read anywhere (a loss, an index) would fail
+    model, x, sets, keep, pruned = tiny_resnet(data)
+    heldout = as_float(images(64, seed=1))
+    before = relative_error(pruned, model, heldout)
+    runs = [copy.deepcopy(pruned) for _ in range(2)]
+    notes = [distill(model, run, data, steps=30, lr=3e-3, batch_size=16, seed=0) for run in runs]
+    assert notes[0].startswith("distilled: logit error") and "after 30 Adam steps on 64 images" in notes[0]
+    assert relative_error(runs[0], model, heldout) < before
+    # same images, options and seed: the same weights
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].state_dict().values(), runs[1].state_dict().values()))
+
+
+def test_distillation_that_does_not_help_keeps_the_weights():
+    data = images(32)
+    model = calibrated(create_model("resnet8", stage_widths=(8, 16, 32)), data)
+    twin = copy.deepcopy(model)                # already exact: no step can lower a zero error
+    note = distill(model, twin, data, steps=3, lr=1e-2, batch_size=16)
+    assert note.startswith("distillation: 3 Adam steps did not lower the logit error")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+
+
+def test_distillation_is_named_in_the_label_and_checked():
+    assert get_recovery("blockwise", distill_steps=300).label == "blockwise+distill300"
+    assert get_recovery("none", distill_steps=5, bn_images=64).label == "bn+distill5"
+    assert "distill_steps" not in get_recovery("blockwise").describe()
+    for option, value, message in [("distill_steps", -1, "recover.distill_steps=-1; must be >= 0 (0: off)"),
+                                   ("distill_images", 0, "recover.distill_images=0; must be >= 1"),
+                                   ("distill_lr", 0.0, "recover.distill_lr=0.0; must be > 0")]:
+        with pytest.raises(ValueError, match=rf"^{message}$".replace("(", r"\(").replace(")", r"\)")):
+            get_recovery("blockwise", **{option: value})

@@ -71,13 +71,18 @@ class RecoverySpec:
 
     ``bn_images``: re-estimate every BatchNorm's statistics on this many training images after the method
     (0: off); ``iterative_steps``: reach the plan in this many prune-and-recover steps, re-collecting
-    statistics before each.
+    statistics before each; ``distill_steps``: then train the whole pruned network on the original's logits
+    for this many Adam steps (``distill.py``; 0: off) on ``distill_images`` unlabeled training images.
     """
 
     method: Recovery = field(default_factory=NoRecovery)
     bn_images: int = 0
     bn_batch_size: int = 128
     iterative_steps: int = 1
+    distill_steps: int = 0
+    distill_images: int = 2048
+    distill_lr: float = 1e-4
+    distill_batch_size: int = 64
 
     def __post_init__(self) -> None:
         if self.bn_images != 0 and self.bn_images < 2:
@@ -86,6 +91,13 @@ class RecoverySpec:
             raise ValueError(f"recover.bn_batch_size={self.bn_batch_size}; must be >= 1")
         if self.iterative_steps < 1:
             raise ValueError(f"recover.iterative_steps={self.iterative_steps}; must be >= 1")
+        if self.distill_steps < 0:
+            raise ValueError(f"recover.distill_steps={self.distill_steps}; must be >= 0 (0: off)")
+        if self.distill_images < 1 or self.distill_batch_size < 1:
+            bad = "distill_images" if self.distill_images < 1 else "distill_batch_size"
+            raise ValueError(f"recover.{bad}={getattr(self, bad)}; must be >= 1")
+        if not self.distill_lr > 0:
+            raise ValueError(f"recover.distill_lr={self.distill_lr}; must be > 0")
 
     @property
     def label(self) -> str:
@@ -95,17 +107,30 @@ class RecoverySpec:
             parts.append("bn")
         if self.iterative_steps > 1:
             parts.append(f"{self.iterative_steps}steps")
+        if self.distill_steps:
+            parts.append(f"distill{self.distill_steps}")
         return "+".join(parts) or "none"
+
+    def distillation(self) -> dict[str, Any]:
+        """The distillation's settings, empty when it is off."""
+        if not self.distill_steps:
+            return {}
+        return {"distill_steps": self.distill_steps, "distill_images": self.distill_images,
+                "distill_lr": self.distill_lr, "distill_batch_size": self.distill_batch_size}
 
     def describe(self) -> dict[str, Any]:
         return {"recovery": self.method.name, "recovery_options": self.method.options(),
-                "bn_images": self.bn_images, "iterative_steps": self.iterative_steps,
+                "bn_images": self.bn_images, "iterative_steps": self.iterative_steps, **self.distillation(),
                 "recovery_label": self.label}
 
 
-def get_recovery(name: str = "none", *, bn_images: int = 0, bn_batch_size: int = 128, iterative_steps: int = 1,
-                 **options) -> RecoverySpec:
+_SHARED = ("bn_images", "bn_batch_size", "iterative_steps", "distill_steps", "distill_images", "distill_lr",
+           "distill_batch_size")
+
+
+def get_recovery(name: str = "none", **options) -> RecoverySpec:
     """The recovery ``name`` with its ``options`` (the method's dataclass fields; defaults for the rest)
-    and the settings every method shares."""
-    method = RECOVERIES.build(name, options, also=("bn_images", "bn_batch_size", "iterative_steps"))
-    return RecoverySpec(method, bn_images=bn_images, bn_batch_size=bn_batch_size, iterative_steps=iterative_steps)
+    and the settings every method shares (``RecoverySpec``'s fields)."""
+    shared = {key: options.pop(key) for key in _SHARED if key in options}
+    method = RECOVERIES.build(name, options, also=_SHARED)
+    return RecoverySpec(method, **shared)
