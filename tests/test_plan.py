@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from qsfm_cli.counting import count_macs
+from qsfm_cli.counting import count_macs, count_params
 from qsfm_cli.models import create_model
 from qsfm_cli.plan import (ALLOCATIONS, MAX_RATES, PROTOCOLS, TOLERANCE, MacsMeter, PlanSpec, format_sensitivity,
                            keep_from_counts, make_keep, measure_sensitivity, parse_rates, removed_count, settle)
@@ -377,6 +377,48 @@ def test_sensitivity_allocation_spares_sensitive_sets():
                   example_input=X, sensitivity=table)
 
 
+def test_a_params_target_prices_parameters_into_the_allocation():
+    """QSFM's profile removes more parameters than MACs: the stage streams must be pruned although they cost
+    more loss per MAC; the price on kept parameters is raised until the parameters fall far enough."""
+    model = create_model("resnet20")
+    sets = channel_sets(model, X, "all")
+    weights = {s.name: (3.0 if s.name in ("conv1", "layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv2") else 1.0)
+               for s in sets}
+
+    def loss_of(pruned: nn.Module) -> float:
+        return sum(w * (1 - pruned.get_submodule(n).out_channels / model.get_submodule(n).out_channels) ** 2
+                   for n, w in weights.items())
+
+    def params_reduction(keep) -> float:
+        return 1 - count_params(apply_keep(model, keep, X)) / count_params(model)
+
+    grid = (0.25, 0.5, 0.75)
+    plain = PlanSpec(target_macs_reduction=0.3, allocation="sensitivity", sensitivity_grid=grid, scope="all")
+    free, _ = make_keep(identity_orders(sets), sets, plain, model=model, example_input=X, loss_of=loss_of)
+    want = round(params_reduction(free) + 0.1, 3)
+    priced = PlanSpec(**{**plain.__dict__, "target_params_reduction": want})
+    keep, info = make_keep(identity_orders(sets), sets, priced, model=model, example_input=X, loss_of=loss_of)
+    assert abs(info["macs_reduction"] - 0.3) <= 0.005 and info["params_price"] > 0
+    assert info["params_reduction"] == pytest.approx(params_reduction(keep)) and info["params_reduction"] >= want
+    assert all(row["params_saved"][0] > 0 for row in info["sensitivity"]["layers"].values())
+    with pytest.raises(ValueError, match=r"^prune.target_params_reduction=0.99 is beyond reach at "
+                                         r"prune.target_macs_reduction=0.3: at most"):
+        make_keep(identity_orders(sets), sets, PlanSpec(**{**plain.__dict__, "target_params_reduction": 0.99}),
+                  model=model, example_input=X, sensitivity=info["sensitivity"])
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"target_params_reduction": 0.5}, "prune.target_params_reduction needs prune.allocation=sensitivity and "
+                                       "prune.target_macs_reduction (the parameters are priced in the allocation)"),
+    ({"target_params_reduction": 1.5, "target_macs_reduction": 0.5, "allocation": "sensitivity"},
+     "prune.target_params_reduction must be in (0, 1), got 1.5"),
+])
+def test_a_params_target_needs_the_sensitivity_allocation(fields, message):
+    with pytest.raises(ValueError) as err:
+        PlanSpec(**fields)
+    assert str(err.value) == message
+
+
 def test_sensitivity_table_marks_ratios_below_min_channels():
     model = create_model("resnet8", stage_widths=(4, 8, 16))
     sets = channel_sets(model, X)
@@ -438,7 +480,7 @@ def graded_orders(sets, seed=0):
                           values=sorted(torch.rand(s.size, generator=g).tolist(), reverse=True)) for s in sets}
 
 
-@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS.names()))
 def test_every_protocol_keeps_multiples_of_round_to(protocol):
     model = create_model("resnet20")
     sets = channel_sets(model, X)

@@ -36,6 +36,7 @@ class PlanSpec:
     rate_layout: str | None = None
     threshold: float | None = None
     target_macs_reduction: float | None = None
+    target_params_reduction: float | None = None
     allocation: str = "uniform"
     sensitivity_grid: tuple[float, ...] = DEFAULT_GRID
     sensitivity_images: int = 256
@@ -95,6 +96,7 @@ class PlanSpec:
         return {"protocol": self.protocol, "ratio": self.ratio if self.protocol == "ratio" else None,
                 "rates": rates, "rate_layout": self.rate_layout,
                 "threshold": self.threshold, "target_macs_reduction": self.target_macs_reduction,
+                "target_params_reduction": self.target_params_reduction,
                 "allocation": self.allocation, "scope": self.scope, "min_channels": self.min_channels,
                 "round_to": self.round_to}
 

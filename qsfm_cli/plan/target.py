@@ -33,6 +33,12 @@ class Target(Strategy):
             raise ValueError(f"unknown prune.allocation {spec.allocation!r}; accepted: {', '.join(ALLOCATIONS)}")
         if spec.allocation != "uniform" and spec.target_macs_reduction is None:
             raise ValueError(f"prune.allocation={spec.allocation} needs prune.target_macs_reduction")
+        params = spec.target_params_reduction
+        if params is not None and not 0 < params < 1:
+            raise ValueError(f"prune.target_params_reduction must be in (0, 1), got {params}")
+        if params is not None and (spec.allocation != "sensitivity" or spec.target_macs_reduction is None):
+            raise ValueError("prune.target_params_reduction needs prune.allocation=sensitivity and "
+                             "prune.target_macs_reduction (the parameters are priced in the allocation)")
 
     def uses_threshold(self, spec: PlanSpec) -> bool:
         return spec.allocation == "threshold"
