@@ -52,6 +52,12 @@ def results_row(record: RunRecord) -> dict[str, Any]:
         row[f"{prefix}speedup_{batch}"] = round(pair["speedup"], 3)
         row[f"{prefix}speedup_trusted_{batch}"] = pair["trusted"]
         row[f"{prefix}latency_spread_{batch}"] = round(max(pair["base_spread"], pair["pruned_spread"]), 3)
+    if results.speed is not None:
+        # A speed-up target's runtime, batch and threads are the prune.latency_* setting columns.
+        speed = results.speed
+        row.update(predicted_speedup=round(speed["predicted_speedup"], 3),
+                   measured_speedup=round(speed["measured_speedup"], 3), measured_speedup_trusted=speed["trusted"],
+                   speedup_target_met=speed["met"])
     return row
 
 

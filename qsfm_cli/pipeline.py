@@ -334,13 +334,15 @@ def folded(method: Recovery, model: nn.Module, sets: list[ChannelSet], stats: di
 
 
 def plan_stage(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats: dict[str, LayerStats],
-               orders_key: str, exp: Experiment, ctx: RunContext, example: torch.Tensor) -> dict[str, Any]:
+               orders_key: str, exp: Experiment, ctx: RunContext, example: torch.Tensor,
+               prepared: Any = None) -> dict[str, Any]:
     """Plan stage; returns the plan record (its ``removed`` counts drive the prune stage). A sensitivity
     table is measured with the fold of the run's recovery (``Recovery.sensitivity_fold``) in force, once per
-    scores, fold and held-out slice, then cached; MACs searches need no fold."""
+    scores, fold and held-out slice, then cached; MACs searches need no fold. ``prepared``: what the
+    protocol measured on the architecture before (``Strategy.prepare``)."""
     plan = exp.plan
     if plan.allocation != "sensitivity":
-        return make_keep(orders, sets, plan, model=model, example_input=example)[1]
+        return make_keep(orders, sets, plan, model=model, example_input=example, prepared=prepared)[1]
     method = exp.recovery.method.sensitivity_fold()
     if method is not exp.recovery.method:
         log.info("sensitivity: each set pruned alone with recover=%s's fold standing in for recover=%s",
@@ -360,7 +362,7 @@ def plan_stage(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats: 
         round_to=plan.round_to, progress=exp.progress))
     log.info("sensitivity (loss increase per ratio):\n%s", format_sensitivity(sensitivity))
     plan_info = make_keep(orders, sets, plan, model=model, example_input=example, loss_of=loss_of,
-                          prune_fn=prune_fn, sensitivity=sensitivity)[1]
+                          prune_fn=prune_fn, sensitivity=sensitivity, prepared=prepared)[1]
     return {**plan_info, "sensitivity_fold": method.name, "sensitivity_loss": LOSS}
 
 
@@ -460,9 +462,12 @@ def run_stages(exp: Experiment, ctx: RunContext) -> tuple[Results, nn.Module]:
     example = torch.zeros(1, *input_shape(exp.test_set))
     # The plan needs only the architecture: it is checked before any weights are loaded or trained.
     bare = create_model(exp.model_name, num_classes=exp.train_set.num_classes, **exp.model_kwargs).eval()
-    exp.plan.validate(channel_sets(bare, example, scope=exp.plan.scope), bare, scorer=exp.scorer,
-                      threshold_scorers=threshold_scorers())
+    bare_sets = channel_sets(bare, example, scope=exp.plan.scope)
+    exp.plan.validate(bare_sets, bare, scorer=exp.scorer, threshold_scorers=threshold_scorers())
     check_splits(exp)
+    with ctx.stage("plan"):
+        prepared = exp.plan.strategy.prepare(exp.plan, bare, example, bare_sets, ctx.cached, device=exp.device,
+                                             progress=exp.progress)
     with ctx.stage("baseline"):
         model = load_baseline(exp, ctx.cache).to(exp.device).eval()
     example = example.to(exp.device)
@@ -470,12 +475,13 @@ def run_stages(exp: Experiment, ctx: RunContext) -> tuple[Results, nn.Module]:
 
     orders, stats, orders_key = collect_and_score(model, sets, exp, ctx)
     with ctx.stage("plan"):
-        plan_info = plan_stage(model, sets, orders, stats, orders_key, exp, ctx, example)
+        plan_info = plan_stage(model, sets, orders, stats, orders_key, exp, ctx, example, prepared)
     pruned, recovered = cached_prune_and_recover(model, sets, orders, stats, orders_key, plan_info["removed"], exp,
                                                  ctx, example)
 
     with ctx.stage("evaluate"):
         base, after_prune, pairs = evaluate_stage(model, pruned, exp, ctx.cache)
+        speed = exp.plan.strategy.verify(exp.plan, model, pruned, plan_info, device=exp.device)
     if exp.recovery.label == "none" and exp.finetune.epochs == 0:
         log.warning("top-1 %.2f -> %.2f is the criterion's raw output: nothing repaired the pruned network "
                     "(recover=sequential|blockwise|lstsq repairs it without labels, finetune=short trains it)",
@@ -499,7 +505,7 @@ def run_stages(exp: Experiment, ctx: RunContext) -> tuple[Results, nn.Module]:
     kept = {s.name: {"kept": pruned_sets.get(s.name, 0), "total": s.size} for s in sets}
     latency = {f"{p.runtime}/b{p.batch}": p.to_dict() for p in pairs}
     return Results(base, after_prune, final, kept, plan_info, {name: str(done) for name, done in recovered.items()},
-                   latency, select), pruned
+                   latency, select, speed), pruned
 
 
 def epoch_metrics(logger: "Logger") -> Callable[[dict[str, Any]], None]:

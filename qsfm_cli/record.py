@@ -28,7 +28,7 @@ _RENAMED = {"model.name": "model", "dataset.name": "dataset", "scorer.name": "sc
 _ORDER = ("model", "dataset", "scorer", "scorer.", "protocol", "prune.", "recovery", "recover", "recover.",
           "finetune.", "collect.", "model.", "dataset.", "seed")
 # The columns that say how much is pruned: the points along one series of a plot.
-AMOUNTS = ("prune.ratio", "prune.rates", "prune.threshold", "prune.target_macs_reduction")
+AMOUNTS = ("prune.ratio", "prune.rates", "prune.threshold", "prune.target_macs_reduction", "prune.target_speedup")
 
 
 @dataclass
@@ -75,6 +75,10 @@ class Settings:
         prune = {**asdict(plan), **plan.describe()}
         if plan.allocation != "sensitivity":
             for key in ("sensitivity_grid", "sensitivity_images"):
+                prune.pop(key)
+        if plan.target_speedup is None:
+            for key in ("latency_runtime", "latency_batch", "latency_threads", "latency_repeats",
+                        "speedup_tolerance"):
                 prune.pop(key)
         method = recovery.method
         recover = {"name": method.name, **method.options(), "bn_images": recovery.bn_images,
@@ -130,7 +134,9 @@ class Results:
     ``latency``: per ``<runtime>/b<batch>``, base and pruned timed together (``PairLatency.to_dict()``):
     medians, spreads, speed-up and whether it can be trusted. ``select``: the final model against the
     unpruned one on held-out training images (``evaluate.fidelity``; empty unless ``eval.select_images``),
-    the figures recipes are chosen by; the test set gives the reported figure only."""
+    the figures recipes are chosen by; the test set gives the reported figure only. ``speed``: a speed-up
+    target's predicted and measured speed-up side by side (``Strategy.verify``), on the runtime, batch and
+    threads it names."""
 
     base: Metrics
     pruned: Metrics
@@ -140,17 +146,18 @@ class Results:
     recovery: dict[str, str]
     latency: dict[str, dict[str, Any]] = field(default_factory=dict)
     select: dict[str, float] = field(default_factory=dict)
+    speed: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"base": self.base.to_dict(), "pruned": self.pruned.to_dict(), "final": self.final.to_dict(),
                 "kept_channels": self.kept_channels, "plan": self.plan, "recovery": self.recovery,
-                "latency": self.latency, "select": self.select}
+                "latency": self.latency, "select": self.select, "speed": self.speed}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Results":
         return cls(base=Metrics(**d["base"]), pruned=Metrics(**d["pruned"]), final=Metrics(**d["final"]),
                    kept_channels=d["kept_channels"], plan=d["plan"], recovery=d["recovery"],
-                   latency=d.get("latency") or {}, select=d.get("select") or {})
+                   latency=d.get("latency") or {}, select=d.get("select") or {}, speed=d.get("speed"))
 
 
 @dataclass

@@ -60,3 +60,19 @@ def scratch_models(monkeypatch):
     monkeypatch.setattr(models_base, "_CARDS", dict(models_base._CARDS))
     with models_base.MODELS.scratch():
         yield
+
+
+def macs_clock(monkeypatch) -> None:
+    """Latency tables time every layer and network as its MACs in millions: a deterministic stand-in for
+    the clock, under which a table predicts exactly what the MACs count says."""
+    from qsfm_cli import latency_table
+    from qsfm_cli.evaluate import count_macs
+
+    def time_shapes(shapes, axes, **_):
+        return {sig: count_macs(module, (1, *shape)) / 1e6 for sig, (module, shape) in shapes.items()}
+
+    def time_network(model, example, **_):
+        return count_macs(model, tuple(example.shape)) / 1e6, 0.0
+
+    monkeypatch.setattr(latency_table, "_time_shapes", time_shapes)
+    monkeypatch.setattr(latency_table, "_time_network", time_network)

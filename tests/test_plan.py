@@ -17,6 +17,8 @@ from qsfm_cli.pruning import apply_keep, channel_sets
 from qsfm_cli.scoring import get_scorer, threshold_scorers
 from qsfm_cli.types import Order
 
+from .conftest import macs_clock
+
 X = torch.zeros(1, 3, 32, 32)
 
 
@@ -133,7 +135,7 @@ def test_spec_from_config_takes_plan_keys_only():
     assert spec.describe()["round_to"] == 8
     with pytest.raises(ValueError, match="unknown key prune.ration; accepted: allocation"):
         PlanSpec.from_config({"ration": 0.3})
-    with pytest.raises(ValueError, match="unknown key prune.compensate; accepted: allocation, min_channels"):
+    with pytest.raises(ValueError, match="unknown key prune.compensate; accepted: allocation, latency_batch"):
         PlanSpec.from_config({**cfg, "compensate": "none"})
 
 
@@ -471,6 +473,8 @@ EXAMPLES = {      # protocol -> PlanSpec fields of a plan that prunes; a newly r
     "rates": [{"rates": "[0.2]*3+[0.5]*3+[0.7]*3"}],
     "threshold": [{"threshold": 0.35}],
     "target_macs_reduction": [{"target_macs_reduction": 0.45, "allocation": a} for a in ALLOCATIONS],
+    "target_speedup": [{"target_speedup": 1.6, "allocation": a, "latency_runtime": "torch"}
+                       for a in ("uniform", "sensitivity")],
 }
 
 
@@ -481,7 +485,8 @@ def graded_orders(sets, seed=0):
 
 
 @pytest.mark.parametrize("protocol", sorted(PROTOCOLS.names()))
-def test_every_protocol_keeps_multiples_of_round_to(protocol):
+def test_every_protocol_keeps_multiples_of_round_to(protocol, monkeypatch):
+    macs_clock(monkeypatch)
     model = create_model("resnet20")
     sets = channel_sets(model, X)
     orders = graded_orders(sets)
@@ -493,7 +498,8 @@ def test_every_protocol_keeps_multiples_of_round_to(protocol):
     for fields in EXAMPLES[protocol]:
         spec = PlanSpec(**fields, round_to=ROUND_TO)
         assert spec.protocol == protocol
-        keep, info = make_keep(orders, sets, spec, model=model, example_input=X, loss_of=loss_of)
+        prepared = spec.strategy.prepare(spec, model, X, sets, lambda kind, key, compute: compute())
+        keep, info = make_keep(orders, sets, spec, model=model, example_input=X, loss_of=loss_of, prepared=prepared)
         kept = {n: len(k) for n, k in keep.items()}
         assert all(k % ROUND_TO == 0 or k == sizes[n] for n, k in kept.items()), kept
         assert any(k < sizes[n] for n, k in kept.items())
@@ -501,6 +507,8 @@ def test_every_protocol_keeps_multiples_of_round_to(protocol):
         if protocol == "target_macs_reduction":
             reached = 1 - count_macs(apply_keep(model, keep, X)) / count_macs(model)
             assert abs(reached - spec.target_macs_reduction) <= TOLERANCE and "note" not in info
+        elif protocol == "target_speedup":
+            assert info["predicted_speedup"] >= spec.target_speedup and "note" not in info
         else:   # rounding the kept count up removes a prefix of what the unrounded plan removes
             plain = make_keep(orders, sets, PlanSpec(**fields), model=model)[1]["removed"]
             assert all(0 <= plain[n] - info["removed"][n] < ROUND_TO for n in sizes)

@@ -10,6 +10,10 @@ is set, else ``ratio`` applies), one registered strategy each:
   keeps int(C * (1 - rate)) channels, as the papers' code builds its pruned networks.
 - ``threshold=tau`` (``threshold.py``): each set removes its leading channels whose ``Order.values``
   are >= tau.
+- ``target_speedup=x`` (``speed.py``): per-set widths whose predicted latency on one runtime
+  (``latency_runtime``, ``latency_batch``, ``latency_threads``; a ``latency_table``) is the unpruned
+  latency over x, spread by ``allocation`` (``uniform`` or ``sensitivity``); the pruned network's real
+  speed-up is then measured (``Strategy.verify``).
 - ``target_macs_reduction=f`` (``target.py``): search the uniform ratio (``allocation=uniform``) or the
   global threshold (``allocation=threshold``) that removes the fraction f of the MACs, or
   (``allocation=sensitivity``, ``sensitivity.py``) measure every set's loss increase at a grid of
@@ -50,13 +54,15 @@ def make_keep(orders: Orders, sets: list[ChannelSet], plan: PlanSpec, *, model: 
               example_input: torch.Tensor | None = None,
               loss_of: Callable[[nn.Module], float] | None = None,
               prune_fn: Callable[[Keep], nn.Module] | None = None,
-              sensitivity: dict | None = None, progress: bool = False) -> tuple[Keep, dict[str, Any]]:
+              sensitivity: dict | None = None, prepared: Any = None,
+              progress: bool = False) -> tuple[Keep, dict[str, Any]]:
     """Kept channel indices of every set in ``sets``, and a JSON-able record of the plan.
 
     ``model``/``example_input`` are needed by the MACs target (and give the paper rate layouts);
     ``loss_of`` (e.g. ``evaluate.divergence_from``) by ``allocation=sensitivity``, which prunes through
     ``prune_fn`` (default: ``apply_keep`` without compensation) and reuses a ``sensitivity`` table when
-    given; ``progress`` shows a bar while that table is measured. The record holds the removal counts,
+    given; ``prepared`` is what the protocol's ``prepare`` measured (``prune.target_speedup``: the latency
+    table); ``progress`` shows a bar while the sensitivity table is measured. The record holds the removal counts,
     what a search reached, notes, and the sensitivity table.
     """
     missing = [s.name for s in sets if s.name not in orders]
@@ -64,7 +70,7 @@ def make_keep(orders: Orders, sets: list[ChannelSet], plan: PlanSpec, *, model: 
         raise ValueError(f"no removal order for channel set(s) {', '.join(missing)}")
     plan.validate(sets)
     ctx = PlanContext(orders, sets, plan, model=model, example_input=example_input, loss_of=loss_of,
-                      prune_fn=prune_fn, sensitivity=sensitivity, progress=progress)
+                      prune_fn=prune_fn, sensitivity=sensitivity, progress=progress, prepared=prepared)
     counts, found = plan.strategy.counts(ctx)
     counts = ctx.settled(counts)   # settling is idempotent: counts a protocol settled itself stay as they are
     info: dict[str, Any] = {"protocol": plan.protocol, "notes": [], **found, "removed": counts}

@@ -60,7 +60,8 @@ def keep_from_counts(orders: Orders, sets: list[ChannelSet], counts: Counts) -> 
 class PlanContext:
     """Everything a protocol may plan with. ``model``/``example_input`` count MACs (and give the paper rate
     layouts); ``loss_of`` measures a pruned copy, built by ``prune_fn`` (default: ``apply_keep`` without
-    compensation); ``sensitivity`` is a table measured before; ``progress`` shows bars for long loops."""
+    compensation); ``sensitivity`` is a table measured before; ``progress`` shows bars for long loops; ``prepared`` is what
+    the protocol's ``prepare`` returned (a latency table)."""
 
     orders: Orders
     sets: list[ChannelSet]
@@ -71,6 +72,7 @@ class PlanContext:
     prune_fn: Callable[[Keep], nn.Module] | None = None
     sensitivity: dict[str, Any] | None = None
     progress: bool = False
+    prepared: Any = None
     _meter: MacsMeter | None = field(default=None, init=False, repr=False)
 
     def settled(self, counts: Counts) -> Counts:
@@ -117,6 +119,19 @@ class Strategy:
 
     def validate(self, spec: PlanSpec, sets: list[ChannelSet], model: nn.Module | None) -> None:
         """Checks that need the channel sets (and, where given, the model), before any statistics."""
+
+    def prepare(self, spec: PlanSpec, model: nn.Module, example: torch.Tensor, sets: list[ChannelSet],
+                cached: Callable[[str, str, Callable[[], Any]], Any], *, device: str | torch.device = "cpu",
+                progress: bool = False) -> Any:
+        """What the protocol measures on the architecture alone (weights unneeded), before any statistics:
+        its value reaches ``counts`` as ``ctx.prepared``. ``cached(kind, key, compute)`` stores it. A plan
+        this shows to be impossible fails here."""
+        return None
+
+    def verify(self, spec: PlanSpec, base: nn.Module, pruned: nn.Module, info: dict[str, Any], *,
+               device: str | torch.device = "cpu") -> dict[str, Any] | None:
+        """After pruning: what the protocol promised, checked on the pruned model (None: nothing to check)."""
+        return None
 
     def counts(self, ctx: PlanContext) -> tuple[Counts, dict[str, Any]]:
         """The removal count of every set of ``ctx.sets`` and what the plan record should hold beside them.

@@ -76,24 +76,35 @@ def format_sensitivity(table: Mapping[str, Any]) -> str:
 
 def allocate(table: Mapping[str, Any], names: list[str], target: float, resolution: float = 5e-4,
              params_weight: float = 0.0) -> dict[str, float] | None:
-    """Per-set ratios of least summed cost whose summed MACs savings reach ``target`` (a knapsack over the
-    savings, discretized to ``resolution``); None when the grid cannot reach it. An entry's cost is its
-    loss increase minus ``params_weight`` times the fraction of parameters it saves (0: the loss alone)."""
-    bins = max(1, math.ceil(target / resolution))
+    """Per-set ratios of least summed cost whose summed MACs savings reach ``target``; None when the grid
+    cannot reach it. An entry's cost is its loss increase minus ``params_weight`` times the fraction of
+    parameters it saves (0: the loss alone)."""
+    options = {}
+    for name in names:
+        row = table["layers"][name]
+        params = row.get("params_saved") or [0.0] * len(table["grid"])
+        options[name] = [(0.0, 0.0, 0.0)] + [(r, s, c - params_weight * p) for r, s, c, p in
+                                             zip(table["grid"], row["macs_saved"], row["loss_increase"], params)
+                                             if c is not None]
+    return least_cost(options, target, resolution)
+
+
+def least_cost(options: Mapping[str, Sequence[tuple[Any, float, float]]], need: float, resolution: float
+               ) -> dict[str, Any] | None:
+    """One option ``(value, gain, cost)`` per name: the choice of least summed cost whose summed gain
+    reaches ``need`` (a knapsack over the gains, discretized to ``resolution``), as name -> value; None
+    when no choice reaches it."""
+    bins = max(1, math.ceil(need / resolution))
     at = np.arange(bins + 1)
     best = np.full(bins + 1, np.inf)
     best[0] = 0.0
     trace = []
-    for name in names:
-        row = table["layers"][name]
-        params = row.get("params_saved") or [0.0] * len(table["grid"])
-        options = [(0.0, 0, 0.0)] + [(r, max(0, round(s / resolution)), c - params_weight * p) for r, s, c, p in
-                                     zip(table["grid"], row["macs_saved"], row["loss_increase"], params)
-                                     if c is not None]
+    for choices in options.values():
+        binned = [(value, max(0, round(gain / resolution)), cost) for value, gain, cost in choices]
         new = np.full(bins + 1, np.inf)
         pick = np.zeros(bins + 1, dtype=np.int64)
         prev = np.zeros(bins + 1, dtype=np.int64)
-        for k, (_, saved, cost) in enumerate(options):
+        for k, (_, saved, cost) in enumerate(binned):
             # every state b moves to min(bins, b + saved): the last bin takes the best of its sources
             source = at - saved
             candidate = np.where(source >= 0, best[np.maximum(source, 0)] + cost, np.inf)
@@ -102,15 +113,15 @@ def allocate(table: Mapping[str, Any], names: list[str], target: float, resoluti
             candidate[bins] = best[source[bins]] + cost
             better = candidate < new
             new[better], pick[better], prev[better] = candidate[better], k, source[better]
-        trace.append((options, pick, prev))
+        trace.append((binned, pick, prev))
         best = new
     if not np.isfinite(best[bins]):
         return None
-    ratios, b = {}, bins
-    for name, (options, pick, prev) in zip(reversed(names), reversed(trace)):
-        ratios[name] = options[pick[b]][0]
+    chosen, b = {}, bins
+    for name, (binned, pick, prev) in zip(reversed(list(options)), reversed(trace)):
+        chosen[name] = binned[pick[b]][0]
         b = prev[b]
-    return ratios
+    return chosen
 
 
 def sensitivity_counts(ctx: PlanContext, tolerance: float) -> tuple[Counts, dict[str, Any]]:

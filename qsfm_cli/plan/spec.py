@@ -43,6 +43,12 @@ class PlanSpec:
     scope: str = "default"
     min_channels: int = 1
     round_to: int = 1
+    target_speedup: float | None = None
+    latency_runtime: str = "onnxruntime"
+    latency_batch: int = 64
+    latency_threads: int = 1
+    latency_repeats: int = 10
+    speedup_tolerance: float = 0.05
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -97,6 +103,7 @@ class PlanSpec:
                 "rates": rates, "rate_layout": self.rate_layout,
                 "threshold": self.threshold, "target_macs_reduction": self.target_macs_reduction,
                 "target_params_reduction": self.target_params_reduction,
+                "target_speedup": self.target_speedup,
                 "allocation": self.allocation, "scope": self.scope, "min_channels": self.min_channels,
                 "round_to": self.round_to}
 

@@ -31,8 +31,9 @@ class Target(Strategy):
             raise ValueError(f"prune.target_macs_reduction must be in (0, 1), got {spec.target_macs_reduction}")
         if spec.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown prune.allocation {spec.allocation!r}; accepted: {', '.join(ALLOCATIONS)}")
-        if spec.allocation != "uniform" and spec.target_macs_reduction is None:
-            raise ValueError(f"prune.allocation={spec.allocation} needs prune.target_macs_reduction")
+        if spec.allocation != "uniform" and spec.target_macs_reduction is None and spec.target_speedup is None:
+            raise ValueError(f"prune.allocation={spec.allocation} needs prune.target_macs_reduction or "
+                             "prune.target_speedup")
         params = spec.target_params_reduction
         if params is not None and not 0 < params < 1:
             raise ValueError(f"prune.target_params_reduction must be in (0, 1), got {params}")

@@ -1,0 +1,207 @@
+"""The ``target_speedup`` protocol: prune until the network is predicted to run ``x`` times faster on the
+user's runtime, then measure that it does.
+
+Before any statistics, ``prepare`` builds (or reads from the cache) the latency table of the architecture
+on ``latency_runtime`` at ``latency_batch`` and ``latency_threads`` (``qsfm_cli.latency_table``) and refuses
+a target above the largest speed-up the table predicts. ``allocation`` spreads the pruning:
+
+- ``uniform``: the smallest uniform ratio whose predicted speed-up reaches the target;
+- ``sensitivity``: per-set kept widths of least summed loss increase (the sensitivity table, interpolated
+  between its ratios) whose predicted speed-up reaches the target: a knapsack over the milliseconds each
+  set's width saves, so the cost is loss per millisecond rather than per MAC. The widths it chooses from
+  are the table's grid (multiples of 4 and more, so the 8- and 16-channel multiples CPU kernels run
+  fastest) and the widest pruning the sensitivity grid measured; a ragged width is chosen only where its
+  loss per millisecond is better.
+
+``verify`` times the unpruned and the pruned network together (``latency.measure_pair``) on the same
+runtime, batch and threads; a trusted speed-up below ``(1 - speedup_tolerance) * target`` is reported as
+falling short, in the record and the log.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import latency_table as lt
+from ..cache import fingerprint
+from ..latency import RUNTIMES, measure_pair
+from ..types import ChannelSet
+from .base import Counts, PlanContext, Strategy, register_protocol, removed_count, settle, smallest_kept
+from .ratio import ratio_counts
+from .sensitivity import _check_table, least_cost, measure_sensitivity
+
+if TYPE_CHECKING:
+    from .spec import PlanSpec
+
+log = logging.getLogger(__name__)
+
+ALLOCATIONS = ("uniform", "sensitivity")
+_BINS = 2000               # the knapsack's resolution: the milliseconds to save, in this many steps
+
+
+@register_protocol
+class Speed(Strategy):
+    name = "target_speedup"
+
+    def check(self, spec: PlanSpec) -> None:
+        if spec.target_speedup is not None and not (math.isfinite(spec.target_speedup) and spec.target_speedup > 1):
+            raise ValueError(f"prune.target_speedup={spec.target_speedup}; accepted: a number > 1")
+        lt.check_settings(spec.latency_runtime, spec.latency_batch, spec.latency_threads, spec.latency_repeats,
+                          prefix="prune.latency_")
+        if not 0 <= spec.speedup_tolerance < 1:
+            raise ValueError(f"prune.speedup_tolerance={spec.speedup_tolerance}; accepted: a number in [0, 1)")
+        if spec.target_speedup is not None and spec.allocation not in ALLOCATIONS:
+            raise ValueError(f"prune.allocation={spec.allocation} with prune.target_speedup; accepted: "
+                             f"{', '.join(ALLOCATIONS)}")
+
+    def prepare(self, spec: PlanSpec, model: nn.Module, example: torch.Tensor, sets: list[ChannelSet],
+                cached: Callable[[str, str, Callable[[], Any]], Any], *, device: str | torch.device = "cpu",
+                progress: bool = False) -> dict[str, Any]:
+        settings = dict(runtime=spec.latency_runtime, batch=spec.latency_batch, threads=spec.latency_threads,
+                        device=device, repeats=spec.latency_repeats)
+        key = fingerprint("latency_table", lt.conditions(model, example, sets, **settings))
+        table = cached("latency_table", key, lambda: lt.build_table(model, example, sets, progress=progress,
+                                                                    **settings))
+        log.info("latency table: %s", lt.describe(table))
+        best = lt.predicted_speedup(table, {s.name: _options(s, spec)[0] for s in sets})
+        if spec.target_speedup > best:
+            raise ValueError(f"prune.target_speedup={spec.target_speedup:g} cannot be reached: the largest "
+                             f"predicted speed-up is {best:.2f}x ({_conditions(spec)}, every set at its fewest "
+                             f"channels); accepted: up to {math.floor(best * 100) / 100:.2f}")
+        return table
+
+    def counts(self, ctx: PlanContext) -> tuple[Counts, dict[str, Any]]:
+        spec, sets, table = ctx.spec, ctx.sets, ctx.prepared
+        if table is None:
+            raise ValueError("prune.target_speedup needs the latency table (Strategy.prepare)")
+        if spec.allocation == "sensitivity":
+            counts, found = _by_sensitivity(ctx, table)
+        else:
+            counts, found = _by_ratio(ctx, table)
+        kept = {s.name: s.size - counts[s.name] for s in sets}
+        predicted = lt.predicted_speedup(table, kept)
+        found.update(target_speedup=spec.target_speedup, predicted_speedup=predicted,
+                     predicted_ms=lt.predict_ms(table, kept), latency_table=_summary(table))
+        if ctx.model is not None and ctx.example_input is not None:
+            found["macs_reduction"] = ctx.meter().reduction(ctx.pruned(counts))
+        if predicted < spec.target_speedup:
+            found["note"] = f"the plan is predicted at {predicted:.2f}x, below the target {spec.target_speedup:g}x"
+        return counts, found
+
+    def verify(self, spec: PlanSpec, base: nn.Module, pruned: nn.Module, info: dict[str, Any], *,
+               device: str | torch.device = "cpu") -> dict[str, Any]:
+        example = info["latency_table"]["input_shape"]
+        [pair] = measure_pair(base, pruned, [spec.latency_batch], runtime=spec.latency_runtime, device=device,
+                              input_hw=tuple(example[1:]), repeats=max(spec.latency_repeats, 10),
+                              threads=spec.latency_threads)
+        target = spec.target_speedup
+        met = pair.speedup >= (1 - spec.speedup_tolerance) * target
+        result = {"target_speedup": target, "predicted_speedup": info["predicted_speedup"],
+                  "measured_speedup": pair.speedup, "trusted": pair.trusted, "met": met if pair.trusted else None,
+                  "tolerance": spec.speedup_tolerance, "runtime": spec.latency_runtime, "batch": spec.latency_batch,
+                  "threads": spec.latency_threads, "base_ms": pair.base_ms, "pruned_ms": pair.pruned_ms,
+                  "predicted_ms": info["predicted_ms"], "base_spread": pair.base_spread,
+                  "pruned_spread": pair.pruned_spread}
+        said = (f"speed-up target {target:g}x ({_conditions(spec)}): predicted {info['predicted_speedup']:.2f}x, "
+                f"measured {pair.speedup_text()}")
+        if not pair.trusted:
+            result["note"] = (f"the measured speed-up is untrusted (spread above {pair.max_spread:g}): whether the "
+                              "target is met is unknown; measure again on a quieter machine")
+            log.warning("%s; %s", said, result["note"])
+        elif not met:
+            result["note"] = (f"the measured speed-up {pair.speedup:.2f}x falls short of the target {target:g}x by "
+                              f"more than {100 * spec.speedup_tolerance:g}%")
+            log.warning("%s; %s", said, result["note"])
+        else:
+            log.info("%s: target met", said)
+        return result
+
+
+def _conditions(spec: PlanSpec) -> str:
+    return (f"{spec.latency_runtime}, batch {spec.latency_batch}, {spec.latency_threads} "
+            f"thread{'s' if spec.latency_threads > 1 else ''}")
+
+
+def _summary(table: dict[str, Any]) -> dict[str, Any]:
+    """The table's conditions and cost, for the plan record (the timings themselves stay in the cache)."""
+    keys = ("runtime", "device", "batch", "threads", "input_shape", "base_ms", "base_spread", "timed_shapes",
+            "build_s")
+    return {k: table[k] for k in keys}
+
+
+def _options(s: ChannelSet, spec: PlanSpec, grid_ratio: float | None = None) -> list[int]:
+    """Kept widths a set may take, fewest first: the table's grid widths the plan's ``min_channels`` and
+    ``round_to`` allow, and the fewest channels these allow (with ``grid_ratio``: the fewest the largest
+    ratio of the sensitivity grid leaves)."""
+    fewest = smallest_kept(s.size, spec.min_channels, spec.round_to)
+    if grid_ratio is not None:
+        fewest = s.size - settle(removed_count(grid_ratio, s.size), s.size, spec.min_channels, spec.round_to)
+    allowed = {w for w in lt.grid_widths(s.size)
+               if w >= fewest and settle(s.size - w, s.size, spec.min_channels, spec.round_to) == s.size - w}
+    return sorted(allowed | {fewest})
+
+
+def _by_ratio(ctx: PlanContext, table: dict[str, Any]) -> tuple[Counts, dict[str, Any]]:
+    """The smallest uniform ratio whose predicted speed-up reaches the target (the largest one tried where
+    none does)."""
+    spec, sets = ctx.spec, ctx.sets
+    steps = sorted({k / s.size for s in sets for k in range(1, s.size)})
+    counts = ratio_counts(0.0, sets, spec.min_channels, spec.round_to)
+    ratio = 0.0
+    for ratio in steps:
+        counts = ratio_counts(ratio, sets, spec.min_channels, spec.round_to)
+        if lt.predicted_speedup(table, {s.name: s.size - counts[s.name] for s in sets}) >= spec.target_speedup:
+            break
+    return counts, {"ratio": ratio}
+
+
+def _loss_at(row: dict[str, Any], grid: list[float], removed: float) -> float:
+    """Loss increase at a removed fraction, linear between the measured ratios (0 at ratio 0)."""
+    points = [(0.0, 0.0)] + [(r, c) for r, c in zip(grid, row["loss_increase"]) if c is not None]
+    xs, ys = zip(*points)
+    return float(np.interp(removed, xs, ys))
+
+
+def _by_sensitivity(ctx: PlanContext, table: dict[str, Any]) -> tuple[Counts, dict[str, Any]]:
+    """Per-set widths of least summed (interpolated) loss increase whose predicted speed-up reaches the
+    target. Savings of single sets are what the knapsack adds up; the product predictor does not add them
+    exactly, so the amount aimed at is corrected until the prediction reaches the target."""
+    spec, sets = ctx.spec, ctx.sets
+    sens = ctx.sensitivity
+    if sens is None:
+        if ctx.loss_of is None:
+            raise ValueError("prune.allocation=sensitivity needs loss_of, the held-out loss of a model "
+                             "(qsfm_cli.evaluate.heldout_loss)")
+        sens = measure_sensitivity(sets, ctx.orders, spec.sensitivity_grid, ctx.pruner(), ctx.loss_of,
+                                   ctx.meter(), spec.min_channels, round_to=spec.round_to, progress=ctx.progress)
+    _check_table(sens, sets, spec)
+    base_ms, target = table["base_ms"], spec.target_speedup
+    need = base_ms - base_ms / target
+    options = {}
+    for s in sets:
+        row = sens["layers"][s.name]
+        widths = _options(s, spec, max(sens["grid"]))
+        options[s.name] = [(w, base_ms - lt.predict_ms(table, {s.name: w}),
+                            _loss_at(row, sens["grid"], (s.size - w) / s.size)) for w in reversed(widths)]
+    aim, tried = need, []
+    for _ in range(8):
+        widths = least_cost(options, aim, need / _BINS)
+        if widths is None:
+            break
+        predicted = lt.predicted_speedup(table, widths)
+        loss = sum(next(c for w, _, c in options[n] if w == k) for n, k in widths.items())
+        tried.append((predicted < target, loss, widths, predicted))
+        if predicted >= target:
+            break
+        aim += base_ms / target - lt.predict_ms(table, widths)
+    if not tried:
+        raise ValueError(f"prune.target_speedup={target:g} is beyond what prune.sensitivity_grid="
+                         f"{list(sens['grid'])} can remove; extend the grid")
+    short, loss, widths, _ = min(tried, key=lambda t: (t[0], t[1] if not t[0] else -t[3]))
+    counts = {s.name: s.size - widths[s.name] for s in sets}
+    return counts, {"sensitivity": sens, "kept_widths": widths, "predicted_loss_increase": loss}
