@@ -14,6 +14,7 @@ import itertools
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -175,6 +176,16 @@ def measure_pair(base: nn.Module, pruned: nn.Module, batches: Sequence[int] = (1
             results.append(summarize_pair(base_times, pruned_times, runtime=runtime, batch=batch,
                                           threads=threads, max_spread=max_spread))
     return results
+
+
+def onnx_pair_latency(first: str | Path, second: str | Path, batch: int, *, input_shape: Sequence[int],
+                      threads: int | None = 1, repeats: int = 20):
+    """Two ONNX files timed in alternation in ONNX Runtime (``latency.summarize_pair``: ``base_ms`` is
+    ``first``'s, ``speedup`` is first over second)."""
+    x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
+    runs = [onnx_runner(onnx_session(Path(p), threads=threads), x) for p in (first, second)]
+    times = interleaved_times(runs, repeats)
+    return summarize_pair(*times, runtime="onnxruntime", batch=batch, threads=threads)
 
 
 def model_latency(model: nn.Module, batch: int, *, device: str | torch.device = "cpu",

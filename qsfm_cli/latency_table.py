@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .export import OPSET, onnx_model, onnx_session
 from .latency import MIN_REPEATS, RUNTIMES, interleaved_times, onnx_runner, spread, torch_runner, torch_threads
 from .pruning import apply_keep, architecture
 from .types import ChannelSet
@@ -208,8 +209,6 @@ def _time_network(model: nn.Module, example: torch.Tensor, *, runtime: str, batc
     """Median milliseconds and spread of the whole network."""
     x = torch.randn(batch, *example.shape[1:], generator=torch.Generator().manual_seed(0))
     if runtime == "onnxruntime":
-        from .export import onnx_model, onnx_session
-
         run = onnx_runner(onnx_session(onnx_model(model, example).SerializeToString(), threads=threads), x)
     else:
         run = torch_runner(model.to(device), x.to(device))
@@ -223,8 +222,6 @@ def _runner(module: nn.Module, shape: tuple[int, ...], *, runtime: str, batch: i
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
     if runtime == "torch":
         return torch_runner(module.eval().to(device), x.to(device))
-    from .export import onnx_session
-
     return onnx_runner(onnx_session(_layer_onnx(module, shape), threads=threads), x)
 
 
@@ -233,8 +230,6 @@ def _layer_onnx(module: nn.Module, shape: tuple[int, ...]) -> bytes:
     layer through the exporter (about a second)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-
-    from .export import OPSET, onnx_model
 
     def array(t: torch.Tensor, name: str):
         return numpy_helper.from_array(t.detach().cpu().float().numpy(), name)

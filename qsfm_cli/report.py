@@ -18,12 +18,14 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 import yaml
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from .latency import MAX_SPREAD, speedup_text
 from .files import atomic_write, write_text
 from .outputs import METRICS_FILE, results_row
 from .papers import Reference, references_for
 from .record import AMOUNTS, FAILED, OK, RUNNING, RunRecord, config_columns, is_setting_column
+from .scoring import list_scorers
 
 TRAIN_LOG = "train_log.csv"
 # Columns sorted on first (after them, the other setting columns in results-row order).
@@ -37,6 +39,8 @@ MD_COLUMNS = {  # results.csv column -> results.md header
     "top1_drop": "top-1 drop", "pruned_MACs_M": "MACs (M)", "MACs_reduction_%": "MACs ↓%",
     "pruned_params_M": "params (M)", "params_reduction_%": "params ↓%", "speedup_b1": "speedup b1",
     "speedup_b64": "speedup b64", "onnx_speedup_b1": "ONNX speedup b1", "onnx_speedup_b64": "ONNX speedup b64",
+    "prune.target_speedup": "speed-up target", "predicted_speedup": "predicted speed-up",
+    "measured_speedup": "measured speed-up",
     "time_score_s": "score s", "time_total_s": "total s",
 }
 # Setting columns a series label always shows in its own words (the scorer, its similarity metric, the
@@ -210,6 +214,8 @@ def marked_speedups(ok: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
     for column in ok.columns:
         match = re.fullmatch(r"((?:onnx_)?)speedup_(b\d+)", column)
         flag = f"{match[1]}speedup_trusted_{match[2]}" if match else None
+        if column == "measured_speedup":
+            flag = "measured_speedup_trusted"
         if flag not in ok.columns:
             continue
         trusted = ok[flag].map(lambda t: bool(pd.isna(t) or t))
@@ -346,7 +352,7 @@ def plot_pareto(df: pd.DataFrame) -> Figure:
     fig = Figure(figsize=(7.0 * len(panels), 5.0 + 0.18 * legend_rows), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, ((model, dataset), runs) in zip(axes, panels):
-        colors = {c: f"C{i % 10}" for i, c in enumerate(sorted(runs["criterion"].unique()))}
+        colors = criterion_colors(ok["criterion"])
         variants = sorted(runs["variant"].unique())
         styles = dict(zip(variants, _LINE_STYLES * (len(variants) // len(_LINE_STYLES) + 1)))
         for _, points in sorted(runs.groupby("series_key", sort=False),
@@ -380,6 +386,88 @@ def _plot_references(ax: Any, refs: Sequence[Reference], colors: dict[str, str])
                    s=80, facecolors="none", edgecolors=colors.get(ref.method, "black"), linewidths=1.4,
                    zorder=3, label=None if ref.label in shown else ref.label)
         shown.add(ref.label)
+
+
+def criterion_colors(criteria: Iterable[str]) -> dict[str, str]:
+    """One colour per criterion, the same in every plot and report: the registered scorers take the
+    first colours in name order, any other criterion (a scorer with another metric) the next ones."""
+    known = sorted(list_scorers())
+    extra = sorted(set(criteria) - set(known))
+    return {c: f"C{i % 10}" if i < 10 else _MORE_COLORS[(i - 10) % len(_MORE_COLORS)]
+            for i, c in enumerate(known + extra)}
+
+
+_MORE_COLORS = ["black", "olive", "teal", "navy", "maroon", "gold"]
+_PLANNER_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v")]
+
+
+def planner(run: pd.Series) -> str:
+    """How a run chose its widths: the protocol, with the allocation where it has one."""
+    protocol = run.get("protocol") or "ratio"
+    allocation = run.get("prune.allocation")
+    if protocol in ("target_speedup", "target_macs_reduction") and _given(allocation):
+        return f"{protocol} ({allocation})"
+    return str(protocol)
+
+
+def plot_speedup(df: pd.DataFrame) -> Figure | None:
+    """Final top-1 against the measured speed-up of the runs that measured one (a speed-up target's
+    ``measured_speedup``), as small multiples: one row per model and dataset, one panel per recovery; one
+    colour per criterion (``criterion_colors``), one line style per planner; seeds averaged; an untrusted
+    measurement drawn hollow. None when no run measured a speed-up."""
+    ok = ok_runs(df)
+    if "measured_speedup" not in ok.columns or not ok["measured_speedup"].notna().any():
+        return None
+    runs = ok[ok["measured_speedup"].notna()].copy()
+    runs["criterion"], runs["variant"] = series_parts(runs)
+    runs["planner"] = runs.apply(planner, axis=1)
+    runs["trusted"] = runs.get("measured_speedup_trusted", pd.Series(True, index=runs.index)).map(
+        lambda t: bool(pd.isna(t) or t))
+    colors = criterion_colors(runs["criterion"])
+    planners = sorted(runs["planner"].unique())
+    styles = {p: _PLANNER_STYLES[i % len(_PLANNER_STYLES)] for i, p in enumerate(planners)}
+    rows = sorted(runs.groupby(["model", "dataset"]).groups)
+    recoveries = sorted(runs["recovery"].astype(str).unique())
+    fig = Figure(figsize=(4.6 * len(recoveries), 3.9 * len(rows) + 0.9), layout="constrained")
+    axes = fig.subplots(len(rows), len(recoveries), squeeze=False, sharey="row")
+    amounts = [c for c in AMOUNTS if c in runs.columns]
+    for (model, dataset), row_axes in zip(rows, axes):
+        for recovery, ax in zip(recoveries, row_axes):
+            panel = runs[(runs["model"] == model) & (runs["dataset"] == dataset)
+                         & (runs["recovery"].astype(str) == recovery)]
+            for _, points in panel.groupby("series_key", sort=True):
+                first = points.iloc[0]
+                mean = points.groupby(amounts, dropna=False).agg(
+                    x=("measured_speedup", "mean"), y=("pruned_top1", "mean"), trusted=("trusted", "all"))
+                mean = mean.sort_values("x")
+                line, marker = styles[first["planner"]]
+                color = colors[first["criterion"]]
+                ax.plot(mean["x"], mean["y"], ls=line, color=color, lw=1.2)
+                for trusted, group in mean.groupby("trusted"):
+                    ax.scatter(group["x"], group["y"], marker=marker, s=30, color=color,
+                               facecolors=color if trusted else "none", zorder=3)
+            if len(panel):
+                ax.axhline(panel["base_top1"].mean(), color="grey", lw=0.8, ls=":")
+            ax.set_title(f"{model} on {dataset}, recovery {recovery}", fontsize=9)
+            ax.set_xlabel("measured speed-up (x)")
+            ax.grid(alpha=0.3)
+        row_axes[0].set_ylabel("top-1 (%)")
+    handles = [Line2D([], [], color=colors[c], lw=2, label=c) for c in sorted(runs["criterion"].unique())]
+    handles += [Line2D([], [], color="black", ls=styles[p][0], marker=styles[p][1], label=p) for p in planners]
+    handles.append(Line2D([], [], color="black", marker="o", ls="none", markerfacecolor="none",
+                          label="untrusted measurement"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=8)
+    fig.suptitle(f"top-1 vs measured speed-up ({_conditions_text(runs)}; dotted: unpruned)", fontsize=10)
+    return fig
+
+
+def _conditions_text(runs: pd.DataFrame) -> str:
+    """The runtime, batch and threads the speed-ups were measured on (several when the runs differ)."""
+    columns = ["prune.latency_runtime", "prune.latency_batch", "prune.latency_threads"]
+    if not all(c in runs.columns for c in columns):
+        return "conditions not recorded"
+    found = runs[columns].drop_duplicates().itertuples(index=False)
+    return "; ".join(f"{r}, batch {int(b)}, {int(t)} thread{'s' if t > 1 else ''}" for r, b, t in found)
 
 
 def plot_kept_channels(run_dir: Path) -> Figure:
@@ -457,9 +545,9 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, layers_run: str | Path |
         plots.append(save_png(plot_pareto(df), out / "pareto.png"))
         layer_dir = Path(layers_run) if layers_run is not None else Path(ok.iloc[0]["path"])
         plots.append(save_png(plot_kept_channels(layer_dir), out / "kept_channels.png"))
-        curves = plot_finetune(df)
-        if curves is not None:
-            plots.append(save_png(curves, out / "finetune.png"))
+        for name, fig in (("speedup", plot_speedup(df)), ("finetune", plot_finetune(df))):
+            if fig is not None:
+                plots.append(save_png(fig, out / f"{name}.png"))
     md = out / "results.md"
     write_text(md, results_markdown(df, plots))
     return written + plots + [md]

@@ -66,7 +66,7 @@ def macs_clock(monkeypatch) -> None:
     """Latency tables time every layer and network as its MACs in millions: a deterministic stand-in for
     the clock, under which a table predicts exactly what the MACs count says."""
     from qsfm_cli import latency_table
-    from qsfm_cli.evaluate import count_macs
+    from qsfm_cli.counting import count_macs
 
     def time_shapes(shapes, axes, **_):
         return {sig: count_macs(module, (1, *shape)) / 1e6 for sig, (module, shape) in shapes.items()}

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from qsfm_cli.export import (INPUT_NAME, ONNX_FILE, TOLERANCE, check_onnx, check_path, export_onnx, main)
+from qsfm_cli.export import (INPUT_NAME, ONNX_FILE, TOLERANCE, check_onnx, check_path, export_onnx, main,
+                             onnx_accuracy, onnx_session, quantize_int8)
+from qsfm_cli.latency import onnx_pair_latency
 from qsfm_cli.models import create_model
 from qsfm_cli.outputs import PRUNED_FILE, save_pruned
 from qsfm_cli.pruning import apply_keep, channel_sets
@@ -91,3 +93,40 @@ def test_export_command_rejects_a_run_without_a_model(tmp_path, capsys):
         main([str(tmp_path)])
     assert exit_info.value.code == 2
     assert f"holds no {PRUNED_FILE}" in capsys.readouterr().err
+
+
+def test_int8_quantization_is_close_to_fp32_and_smaller(tmp_path):
+    model = pruned("resnet20")
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(48, 3, 32, 32, generator=g)
+    fp32 = export_onnx(model, tmp_path / "m.onnx", images[:1])
+    int8 = quantize_int8(fp32, tmp_path / "m.int8.onnx", [images[:16], images[16:32]])
+    # ONNX Runtime's quantizer made it: integer weights, quantize/dequantize nodes
+    graph = onnx.load(str(int8)).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)
+    assert int8.stat().st_size < 0.5 * fp32.stat().st_size
+    x = images[32:].numpy()
+    a = onnx_session(fp32).run(None, {INPUT_NAME: x})[0]
+    b = onnx_session(int8).run(None, {INPUT_NAME: x})[0]
+    assert abs(a - b).max() / abs(a).max() < 0.1
+    labels = torch.from_numpy(a.argmax(1))
+    assert onnx_accuracy(fp32, [(images[32:], labels)]) == 100.0
+    assert onnx_accuracy(int8, [(images[32:], labels)]) >= 75.0
+    pair = onnx_pair_latency(fp32, int8, 2, input_shape=(3, 32, 32), repeats=3)
+    assert pair.base_ms > 0 and pair.pruned_ms > 0
+
+
+def test_run_with_quantize_int8_records_int8_beside_fp32(tmp_path):
+    from .test_e2e import experiment
+    from qsfm_cli.pipeline import run_experiment
+
+    record = run_experiment(experiment(tmp_path, "export.quantize=int8", "export.calibration_images=32",
+                                       "eval.latency_batches=[]"))
+    int8 = record.export["int8"]
+    assert int8["ok"], int8
+    assert 0 <= int8["int8_top1"] <= 100 and abs(int8["fp32_top1"] - record.results.final.top1) < 0.5
+    assert int8["int8_bytes"] < int8["fp32_bytes"] and int8["latency"]["speedup"] > 0
+    assert (tmp_path / "run" / "pruned_model.int8.onnx").is_file()
+    with pytest.raises(ValueError, match="export.quantize=int4; accepted: int8"):
+        experiment(tmp_path, "export.quantize=int4")

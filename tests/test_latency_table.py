@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qsfm_cli import latency_table as lt
-from qsfm_cli.evaluate import count_macs
+from qsfm_cli.counting import count_macs
 from qsfm_cli.models import create_model
 from qsfm_cli.pipeline import run_experiment
 from qsfm_cli.plan import PlanSpec, make_keep

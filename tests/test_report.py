@@ -307,3 +307,57 @@ def test_dataset_and_scope_are_not_averaged_as_seeds(tmp_path: Path) -> None:
     pivot = report.ratio_table(report.ok_runs(report.collect_runs([tmp_path])))
     assert sorted(pivot.iloc[:, -1]) == ["40.00", "60.00", "90.00"]
     assert list(pivot["series"]) == ["l1", "l1, prune.scope=stage", "l1"]
+
+
+def make_speed_run(root: Path, scorer: str, target: float, *, allocation: str = "sensitivity",
+                   recover: str = "none", top1: float = 90.0, trusted: bool = True) -> Path:
+    """A finished run of a speed-up target, with its predicted and measured speed-ups."""
+    plan = {"target_speedup": target, "allocation": allocation}
+    run = root / f"scorer={scorer},target={target},allocation={allocation},recover={recover}"
+    keep = 1 / target
+    pruned = _measured(top1, keep)
+    speed = {"target_speedup": target, "predicted_speedup": target * 1.01, "measured_speedup": target * 0.97,
+             "trusted": trusted, "met": trusted, "tolerance": 0.05, "runtime": "onnxruntime", "batch": 64,
+             "threads": 1}
+    record = RunRecord(settings(scorer, plan=plan, recover=recover), status=OK,
+                       results=Results(BASE, pruned, pruned, {}, {"protocol": "target_speedup"}, {}, speed=speed),
+                       timings_s={"total": 1.0})
+    write_record(run, record)
+    return run
+
+
+def test_a_sweep_over_targets_and_scorers_plots_top1_against_measured_speedup(tmp_path: Path) -> None:
+    for scorer, drop in (("l1", 0.0), ("qsfm", 1.0), ("fpgm", 2.0)):
+        for recover in ("none", "lstsq"):
+            for target in (1.5, 2.0, 2.5):
+                make_speed_run(tmp_path, scorer, target, recover=recover, top1=92.0 - drop - 2 * target,
+                               trusted=target < 2.5)
+    make_speed_run(tmp_path, "l1", 2.0, allocation="uniform", top1=85.0)
+    make_run(tmp_path, "l1", 0.5)          # measured no speed-up of its own: not in this plot
+    df = report.collect_runs([tmp_path])
+    written = report.write_report(df, tmp_path / "out")
+    assert tmp_path / "out" / "speedup.png" in written
+    assert_png(tmp_path / "out" / "speedup.png")
+    fig = report.plot_speedup(df)
+    axes = fig.get_axes()
+    assert [ax.get_title() for ax in axes] == ["resnet56 on cifar10, recovery lstsq",
+                                               "resnet56 on cifar10, recovery none"]
+    colors = report.criterion_colors([])
+    for ax in axes:
+        lines = [line for line in ax.get_lines() if len(line.get_xdata()) == 3]
+        assert len(lines) == 3    # one line of three targets per scorer (sensitivity planner)
+        assert {line.get_color() for line in lines} == {colors[s] for s in ("l1", "qsfm", "fpgm")}
+        for line in lines:
+            assert list(line.get_xdata()) == pytest.approx([1.5 * 0.97, 2.0 * 0.97, 2.5 * 0.97])
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert {"l1", "qsfm", "fpgm", "target_speedup (sensitivity)", "target_speedup (uniform)"} <= set(legend)
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "measured speed-up" in md and "(2.42)?" in md and "![speedup](speedup.png)" in md
+    csv = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert {"prune.target_speedup", "prune.latency_runtime", "predicted_speedup", "measured_speedup"} <= set(csv.columns)
+
+
+def test_a_scorer_has_one_colour_in_every_plot() -> None:
+    one, other = report.criterion_colors(["qsfm (cosine)"]), report.criterion_colors(["zzz", "qsfm (cosine)"])
+    assert all(one[s] == other[s] for s in ("chip", "l1", "qsfm", "random"))
+    assert one["qsfm (cosine)"] == other["qsfm (cosine)"] and len(set(other.values())) == len(other)

@@ -1,7 +1,7 @@
 """Plan stage: from the scorers' removal orders and a pruning protocol to the channels each set keeps.
 
-Protocols (config group ``prune/``; at most one of ``rates``, ``threshold``, ``target_macs_reduction``
-is set, else ``ratio`` applies), one registered strategy each:
+Protocols (config group ``prune/``; at most one of ``rates``, ``threshold``, ``target_macs_reduction``,
+``target_speedup`` is set, else ``ratio`` applies), one registered strategy each:
 
 - ``ratio=r`` (``ratio.py``): every set of the scope loses floor(r * C) of its C channels.
 - ``rates="[0.]+[0.15]*2+[0.4]*27"`` (``rates.py``): the per-layer rate lists of HRank/CHIP, parsed by a

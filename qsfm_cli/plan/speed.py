@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import latency_table as lt
 from ..cache import fingerprint
-from ..latency import RUNTIMES, measure_pair
+from ..latency import measure_pair
 from ..types import ChannelSet
 from .base import Counts, PlanContext, Strategy, register_protocol, removed_count, settle, smallest_kept
 from .ratio import ratio_counts
