@@ -83,6 +83,12 @@ class PlanContext:
     def pruned(self, counts: Counts) -> nn.Module:
         return self.pruner()(keep_from_counts(self.orders, self.sets, counts))
 
+    def shapes(self, counts: Counts) -> nn.Module:
+        """The pruned copy without any fold (``prune_fn``'s edits change weights, never shapes): what MACs
+        and parameters are counted on."""
+        model, example = self.needs_model()
+        return apply_keep(model, keep_from_counts(self.orders, self.sets, counts), example)
+
     def pruner(self) -> Callable[[Keep], nn.Module]:
         if self.prune_fn is None:
             model, example = self.needs_model()

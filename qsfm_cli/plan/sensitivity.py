@@ -14,7 +14,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..counting import MacsMeter, count_params
-from ..pruning import apply_keep
 from ..types import ChannelSet, Keep, Orders
 from .base import Counts, PlanContext, keep_from_counts, removed_count, settle
 
@@ -166,7 +165,7 @@ def _reach_macs(ctx: PlanContext, table: Mapping[str, Any], names: list[str], to
         if ratios is None:
             break
         counts = ctx.settled({s.name: removed_count(ratios[s.name], s.size) for s in ctx.sets})
-        reached = ctx.meter().reduction(ctx.pruned(counts))
+        reached = ctx.meter().reduction(ctx.shapes(counts))
         tried.append((abs(reached - target) + (reached < target - tolerance), counts, ratios, reached))
         if abs(reached - target) <= tolerance:
             break
@@ -185,13 +184,11 @@ def _priced(ctx: PlanContext, table: Mapping[str, Any], names: list[str], tolera
     if any(table["layers"][n].get("params_saved") is None for n in names):
         raise ValueError("the sensitivity table has no params_saved rows (measured by an older version); measure "
                          "it again")
-    model, example = ctx.needs_model()
-    base = count_params(model)
+    base = count_params(ctx.needs_model()[0])
 
     def attempt(price: float) -> tuple:
         counts, ratios, reached = _reach_macs(ctx, table, names, tolerance, price)
-        shapes = apply_keep(model, keep_from_counts(ctx.orders, ctx.sets, counts), example)
-        return counts, ratios, reached, 1.0 - count_params(shapes) / base, price
+        return counts, ratios, reached, 1.0 - count_params(ctx.shapes(counts)) / base, price
 
     low, high = 0.0, attempt(0.0)
     price = 1e-3
