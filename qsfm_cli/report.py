@@ -335,8 +335,10 @@ def _setting_text(columns: Any) -> str:
 
 
 def plot_pareto(df: pd.DataFrame) -> Figure:
-    """Top-1 change against MACs reduction, one panel per model/dataset, one line per series (a setting
-    but for the pruned amount), one colour per criterion.
+    """Top-1 change against MACs reduction as small multiples: one row per model and dataset, one panel
+    per recovery; one line per series (a setting but for the pruned amount), one colour per criterion
+    (``criterion_colors``, the same in every plot), one line style per remaining variant (fine-tuning, other
+    settings); published rows as hollow markers labelled with their paper.
 
     The y axis is the change from each run's own baseline so that papers with other baselines (and QSFM,
     which states only its drop) sit on the same scale. Seeds of one setting are averaged.
@@ -345,30 +347,39 @@ def plot_pareto(df: pd.DataFrame) -> Figure:
     if not len(ok):
         raise ReportError("no finished run to plot")
     ok["top1_change"] = -ok["top1_drop"].astype(float)
-    ok["criterion"], ok["variant"] = series_parts(ok)
+    ok["criterion"], variants = series_parts(ok)
+    ok["recovery"] = ok["recovery"].astype(str) if "recovery" in ok.columns else "none"
+    ok["variant"] = [v.removeprefix(f" +{r}") for v, r in zip(variants, ok["recovery"])]
     amounts = [c for c in AMOUNTS if c in ok.columns]
-    panels = list(ok.groupby(["model", "dataset"], sort=True))
-    legend_rows = max(runs["series_key"].nunique() for _, runs in panels) / 2 + 3   # references included
-    fig = Figure(figsize=(7.0 * len(panels), 5.0 + 0.18 * legend_rows), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, ((model, dataset), runs) in zip(axes, panels):
-        colors = criterion_colors(ok["criterion"])
-        variants = sorted(runs["variant"].unique())
-        styles = dict(zip(variants, _LINE_STYLES * (len(variants) // len(_LINE_STYLES) + 1)))
-        for _, points in sorted(runs.groupby("series_key", sort=False),
-                                key=lambda group: group[1]["criterion"].iloc[0] + group[1]["variant"].iloc[0]):
-            criterion, variant = points["criterion"].iloc[0], points["variant"].iloc[0]
-            setting = points.groupby(amounts, dropna=False)[["MACs_reduction_%", "top1_change"]]
-            mean, std = setting.mean().sort_values("MACs_reduction_%"), setting.std()
-            ax.errorbar(mean["MACs_reduction_%"], mean["top1_change"],
-                        yerr=std.loc[mean.index, "top1_change"].fillna(0.0), marker="o", ms=4, capsize=2,
-                        label=criterion + variant, color=colors[criterion], ls=styles[variant])
-        _plot_references(ax, references_for(str(model), str(dataset)), colors)
-        ax.axhline(0.0, color="grey", lw=0.8, ls=":")
-        ax.set(title=f"{model} on {dataset}", xlabel="MACs reduction (%)",
-               ylabel="top-1 change vs own baseline (pp)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2)
+    colors = criterion_colors(ok["criterion"])
+    variant_names = sorted(ok["variant"].unique())
+    styles = dict(zip(variant_names, _LINE_STYLES * (len(variant_names) // len(_LINE_STYLES) + 1)))
+    rows = sorted(ok.groupby(["model", "dataset"]).groups)
+    recoveries = sorted(ok["recovery"].unique())
+    fig = Figure(figsize=(5.0 * len(recoveries), 4.2 * len(rows) + 1.0), layout="constrained")
+    axes = fig.subplots(len(rows), len(recoveries), squeeze=False, sharey="row")
+    for (model, dataset), row_axes in zip(rows, axes):
+        for recovery, ax in zip(recoveries, row_axes):
+            runs = ok[(ok["model"] == model) & (ok["dataset"] == dataset) & (ok["recovery"] == recovery)]
+            for _, points in sorted(runs.groupby("series_key", sort=False),
+                                    key=lambda group: group[1]["criterion"].iloc[0] + group[1]["variant"].iloc[0]):
+                criterion, variant = points["criterion"].iloc[0], points["variant"].iloc[0]
+                setting = points.groupby(amounts, dropna=False)[["MACs_reduction_%", "top1_change"]]
+                mean, std = setting.mean().sort_values("MACs_reduction_%"), setting.std()
+                ax.errorbar(mean["MACs_reduction_%"], mean["top1_change"],
+                            yerr=std.loc[mean.index, "top1_change"].fillna(0.0), marker="o", ms=4, capsize=2,
+                            label=criterion + variant, color=colors[criterion], ls=styles[variant])
+            _plot_references(ax, references_for(str(model), str(dataset)), colors)
+            ax.axhline(0.0, color="grey", lw=0.8, ls=":")
+            ax.set_title(f"{model} on {dataset}, recovery {recovery}", fontsize=9)
+            ax.set_xlabel("MACs reduction (%)")
+            ax.grid(alpha=0.3)
+        row_axes[0].set_ylabel("top-1 change vs own baseline (pp)")
+    handles = [Line2D([], [], color=colors[c], lw=2, label=c) for c in sorted(ok["criterion"].unique())]
+    if len(variant_names) > 1:
+        handles += [Line2D([], [], color="black", ls=styles[v], label=v.lstrip(", ") or "as is")
+                    for v in variant_names]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=8)
     return fig
 
 
@@ -377,15 +388,18 @@ _LINE_STYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
 
 
 def _plot_references(ax: Any, refs: Sequence[Reference], colors: dict[str, str]) -> None:
-    """Published rows as hollow markers, in the colour of the same criterion's line when there is one."""
-    shown: set[str] = set()
+    """Published rows as hollow markers labelled with their method ("FT": fine-tuned), in the colour of the
+    same criterion's line when there is one (the results table names the papers)."""
     for ref in refs:
         if ref.macs_reduction_pct is None or ref.top1_drop is None:
             continue
+        color = colors.get(ref.method, "black")
         ax.scatter([ref.macs_reduction_pct], [-ref.top1_drop], marker=_REF_MARKERS.get(ref.method, "X"),
-                   s=80, facecolors="none", edgecolors=colors.get(ref.method, "black"), linewidths=1.4,
-                   zorder=3, label=None if ref.label in shown else ref.label)
-        shown.add(ref.label)
+                   s=80, facecolors="none", edgecolors=color, linewidths=1.4, zorder=3)
+        name = ref.label.split(",")[0] + (" FT" if ref.finetuned else "")
+        note = ax.annotate(name, (ref.macs_reduction_pct, -ref.top1_drop), textcoords="offset points",
+                           xytext=(5, 4), fontsize=7, color=color)
+        note.set_in_layout(False)
 
 
 def criterion_colors(criteria: Iterable[str]) -> dict[str, str]:

@@ -149,14 +149,16 @@ def test_seeds_are_averaged_and_models_get_their_own_panel(tmp_path: Path) -> No
     make_run(root / "random", "random", 0.5, seed=1, top1=64.0)
     fig = report.plot_pareto(report.collect_runs([root]))
     axes = fig.get_axes()
-    assert [ax.get_title() for ax in axes] == ["resnet20 on cifar10", "resnet56 on cifar10"]
+    assert [ax.get_title() for ax in axes] == ["resnet20 on cifar10, recovery none", "resnet56 on cifar10, recovery none"]
     lines = {c.get_label(): list(c.lines[0].get_ydata()) for c in axes[1].containers}
     assert lines["l1"] == pytest.approx([-(93.0 - 81.0)])  # one point, the mean of the two seeds
     # scorer=random follows the run's seed: its seeds are one setting too
     assert lines["random"] == pytest.approx([-(93.0 - 62.0)])
-    legend = [t.get_text() for t in axes[1].get_legend().get_texts()]
-    assert "l1" in legend and "random" in legend and any(t.startswith("CHIP, Sui et al.") for t in legend)
-    assert not any("HRank" in t for t in (t.get_text() for t in axes[0].get_legend().get_texts()))
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "l1" in legend and "random" in legend
+    # published rows are labelled markers in their model's panels only
+    assert any(t.get_text() == "CHIP FT" for t in axes[1].texts)
+    assert not any("HRank" in t.get_text() for t in axes[0].texts)
 
 
 def test_layers_picks_the_run_and_rejects_a_run_without_channels(sweep: Path, tmp_path: Path) -> None:
@@ -294,9 +296,10 @@ def test_runs_differing_in_any_setting_stay_apart(tmp_path: Path) -> None:
     fig = report.plot_pareto(df)
     labels = [[c.get_label() for c in ax.containers] for ax in fig.get_axes()]
     assert sum(map(len, labels)) == len(APART) and all(len(set(ls)) == len(ls) for ls in labels)
-    # every line of a recovered result says so
-    assert any("+lstsq" in label for ls in labels for label in ls)
-    assert any("+bn, recover.bn_images=512" in label for ls in labels for label in ls)
+    # a recovered result sits in its recovery's panel, which says so
+    titles = [ax.get_title() for ax in fig.get_axes()]
+    assert any(t.endswith("recovery lstsq") for t in titles) and any(t.endswith("recovery none") for t in titles)
+    assert any("recover.bn_images=512" in label for ls in labels for label in ls)
 
 
 def test_dataset_and_scope_are_not_averaged_as_seeds(tmp_path: Path) -> None:
