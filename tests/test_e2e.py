@@ -231,3 +231,22 @@ def test_distillation_runs_after_the_recovery_and_is_named(tmp_path):
     assert record.settings.recovery == "sequential+distill3" and record.settings.recover["distill_images"] == 48
     assert record.results.recovery["(network)"].startswith(("distilled: logit error", "distillation: 3 Adam"))
     assert record.timings_s["distill"] > 0
+
+
+def test_plan_and_recovery_read_no_training_label(tmp_path):
+    """Every training label is -1: a cross-entropy or an index on one anywhere in statistics, sensitivity
+    table, allocation, reconstruction or distillation would fail. QSFM's profile settings, tiny."""
+    exp = experiment(tmp_path, "prune=sensitivity", "prune.scope=all", "prune.target_macs_reduction=0.4",
+                     "prune.target_params_reduction=0.45", "prune.sensitivity_grid=[0.25,0.5,0.75]",
+                     "prune.sensitivity_images=32", "recover=blockwise", "recover.images=32", "recover.steps=2",
+                     "recover.distill_steps=2", "recover.distill_images=32")
+    weights = tmp_path / "tiny.pt"
+    torch.save(create_model(exp.model_name, num_classes=exp.train_set.num_classes, **exp.model_kwargs).state_dict(),
+               weights)
+    exp.checkpoint, exp.baseline_recipe = str(weights), None
+    exp.train_set.labels = torch.full_like(exp.train_set.labels, -1)
+    record = run_experiment(exp)
+    plan = record.results.plan
+    assert plan["params_reduction"] >= 0.45 and plan["params_price"] >= 0 and plan["macs_reduction"] >= 0.395
+    assert 1 - record.results.final.params / record.results.base.params == pytest.approx(plan["params_reduction"])
+    assert record.settings.recovery == "blockwise+distill2"
