@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import config, distributed, outputs, papers
+from .data import identity
 from .export import ExportSpec
 from .loggers import Loggers
 from .models import default_normalization
@@ -106,8 +107,10 @@ def build_experiment(cfg: DictConfig, run_dir: Path) -> Experiment:
         reference=reference_of(cfg),
         device=str(resolve_device(cfg.device, job_slot())),
     )
-    train_set, test_set = build(cfg.dataset)
     mean, std = cfg.model.mean, cfg.model.std
+    check_normalization(mean, std)
+    data = build(cfg.dataset)
+    train_set, test_set = data.load()
     if mean is None and std is None:  # the recipe on the weights' card, if they were trained on this dataset
         mean, std = default_normalization(cfg.model.name, cfg.dataset.name) or (None, None)
     return Experiment(
@@ -124,7 +127,7 @@ def build_experiment(cfg: DictConfig, run_dir: Path) -> Experiment:
         resume=cfg.resume,
         save_model=cfg.save_model,
         progress=cfg.progress,
-        dataset_options={k: v for k, v in plain(cfg.dataset).items() if k not in config.DATA_ACCESS_KEYS},
+        dataset_options=identity(data),
         config=container(cfg),
         logger=build_loggers(cfg, run_dir),
         run_name=run_name(run_dir),
@@ -138,6 +141,14 @@ def reference_of(cfg: DictConfig) -> dict[str, Any] | None:
     if why:
         log.warning("%s", why)
     return row.as_dict() if row else None
+
+
+def check_normalization(mean: Any, std: Any) -> None:
+    """``model.mean`` and ``model.std``: three values each (std > 0), or null."""
+    for key, values in (("model.mean", mean), ("model.std", std)):
+        if values is not None and (len(values) != 3 or (key == "model.std" and min(values) <= 0)):
+            raise ValueError(f"{key}={list(values)}; accepted: three values{' > 0' if key == 'model.std' else ''}, "
+                             f"or null (the weights' card, else the dataset's own)")
 
 
 def within(section: str, make: Callable[[Any], T], values: Any) -> T:

@@ -1,11 +1,12 @@
 """Typed schemas of the config groups, registered with Hydra's ConfigStore.
 
 Each key has one owner. Where a stage has a spec dataclass (``PlanSpec``, ``TrainRecipe``, ``Execution``,
-``CollectSpec``, ``EvalSpec``, ``ExportSpec``, every registered scorer and recovery) its schema is generated from it: same
-names, same defaults, types as OmegaConf takes them. The YAML options only set what differs, so a wrong
-type is Hydra's own error naming the key, before any work. Scorers and recoveries have one schema each
-(``schema/scorer/<name>``, ``schema/recover/<name>``), which their YAML option extends through its defaults
-list; a newly registered one gets its schema without edits here. See docs/config.md.
+``CollectSpec``, ``EvalSpec``, ``ExportSpec``, every registered scorer and recovery, every dataset kind's
+spec) its schema is generated from it: same names, same defaults, types as OmegaConf takes them. The YAML
+options only set what differs, so a wrong type is Hydra's own error naming the key, before any work.
+Scorers, recoveries and dataset kinds have one schema each (``schema/scorer/<name>``,
+``schema/recover/<name>``, ``schema/dataset/<kind>``), which their YAML option extends through its defaults
+list; a newly registered scorer or recovery gets its schema without edits here. See docs/config.md.
 """
 import dataclasses
 import types
@@ -16,7 +17,9 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from .data import CifarSpec, DigitsSpec, FakeSpec
 from .export import ExportSpec
+from .imagefolder import ImageFolderSpec
 from .pipeline import CollectSpec, EvalSpec
 from .plan import PlanSpec
 from .recover import RecoverySpec, get_recovery, list_recoveries
@@ -76,8 +79,9 @@ RecoverConfig = schema("RecoverConfig", RecoverySpec, exclude=("method",),
 
 @dataclass
 class ModelConfig:
-    """``model.kwargs``: extra ``create_model`` arguments; ``mean``/``std``: the input normalization of the
-    weights' recipe (``None``: the dataset's own)."""
+    """``model.kwargs``: extra ``create_model`` arguments; ``mean``/``std``: the one place to set the input
+    normalization (``None``: the recipe on the weights' card when they were trained on the run's dataset,
+    else the dataset's own statistics)."""
 
     name: str = MISSING
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -88,35 +92,8 @@ class ModelConfig:
     std: Optional[list[float]] = None
 
 
-@dataclass
-class DatasetConfig:
-    _target_: str = "qsfm_cli.data.load_dataset"
-    name: str = MISSING
-    num_classes: int = MISSING
-
-
-@dataclass
-class CifarConfig(DatasetConfig):
-    root: str = "data"
-    download: bool = True
-    verify: Any = "auto"       # true | false | auto
-
-
-@dataclass
-class DigitsConfig(DatasetConfig):
-    seed: int = 0
-
-
-@dataclass
-class FakeConfig(DatasetConfig):
-    size: int = 32
-    train_size: int = 512
-    test_size: int = 256
-    seed: int = 0
-
-
-# Keys of the dataset node that say where and how to read the data, not which data it is.
-DATA_ACCESS_KEYS = ("_target_", "name", "root", "download", "verify")
+# One schema per dataset kind (``schema/dataset/<kind>``), from the spec its option builds.
+DATASET_SPECS = {"cifar": CifarSpec, "digits": DigitsSpec, "fake": FakeSpec, "imagefolder": ImageFolderSpec}
 
 
 @dataclass
@@ -160,8 +137,9 @@ def register() -> None:
     """Store every schema in Hydra's ConfigStore (again: a recovery or scorer registered since is added)."""
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
-    for name, node in (("cifar", CifarConfig), ("digits", DigitsConfig), ("fake", FakeConfig)):
-        cs.store(group="schema/dataset", name=name, node=node)
+    for name, spec in DATASET_SPECS.items():
+        target = (("_target_", str, f"{spec.__module__}.{spec.__qualname__}"),)
+        cs.store(group="schema/dataset", name=name, node=schema(f"{name}_dataset", spec, extra=target))
     for name in list_scorers():
         extra = (("_target_", str, "qsfm_cli.scoring.get_scorer"), ("name", str, name))
         cs.store(group="schema/scorer", name=name,
@@ -183,7 +161,8 @@ def moved(key: str) -> str | None:
     """For a key that has a new name, the one line saying so; ``None`` for any other key."""
     renamed = {"prune.compensate": f"recover=<{'|'.join(list_recoveries())}|...>",
                "prune.ridge": "recover.ridge", "prune.bn_recalibration": "recover.bn_images",
-               "prune.iterative_steps": "recover.iterative_steps", "model.arch": "model.kwargs"}
+               "prune.iterative_steps": "recover.iterative_steps", "model.arch": "model.kwargs",
+               "dataset.mean": "model.mean", "dataset.std": "model.std"}
     for section in ("finetune", "baseline.recipe"):
         renamed.update({f"{section}.{f.name}": f"execution.{f.name}" for f in dataclasses.fields(Execution)})
     for old, new in renamed.items():

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import logging
 import pickle
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -69,24 +69,89 @@ def _permutation(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
-DATASETS = ("cifar10", "cifar100", "digits", "fake")
+def access(default: Any = MISSING) -> Any:
+    """A dataset spec field that says where or how to read the data, not which data it is: left out of a
+    run's identity (``identity``), so that runs differing only in it are one setting. Without a default
+    the field is required."""
+    return field(default=default, metadata={"identity": False})
 
 
-def load_dataset(name: str, root: str | None = None, *, download: bool = True, verify: bool | str = "auto",
-                 num_classes: int | None = None, size: int = 32, train_size: int = 512,
-                 test_size: int = 256, seed: int = 0) -> tuple[ImageSet, ImageSet]:
-    """Return ``(train, test)`` for one of ``DATASETS``.
+def identity(spec: Any) -> dict[str, Any]:
+    """The fields of a dataset spec that say which data it is (every field not marked ``access``)."""
+    return {f.name: getattr(spec, f.name) for f in fields(spec) if f.metadata.get("identity", True)}
 
-    ``root``/``download``/``verify`` apply to CIFAR; ``num_classes``, ``size``, ``train_size``, ``test_size``
-    and ``seed`` to ``fake``; ``digits`` is split 80/20 with ``seed``.
-    """
-    if name in ("cifar10", "cifar100"):
-        return _cifar(name, root, download=download, verify=verify)
-    if name == "digits":
-        return _digits(seed)
-    if name == "fake":
-        return _fake(num_classes or 10, size, train_size, test_size, seed)
-    raise ValueError(f"unknown dataset {name!r}; accepted: {', '.join(DATASETS)}")
+
+def checked_classes(spec: Any, splits: tuple[Any, Any]) -> tuple[Any, Any]:
+    """``splits`` when they hold ``spec.num_classes`` classes (or it is None); a ``ValueError`` otherwise."""
+    found = splits[0].num_classes
+    if spec.num_classes is not None and spec.num_classes != found:
+        raise ValueError(f"dataset.num_classes={spec.num_classes}; accepted: {found} (what {spec.name} holds)")
+    return splits
+
+
+@dataclass(frozen=True)
+class CifarSpec:
+    """CIFAR-10 or CIFAR-100 read from torchvision's python batches under ``root`` (see ``_cifar`` for
+    ``download`` and ``verify``)."""
+
+    name: str = "cifar10"
+    num_classes: int | None = None        # checked against the data when given
+    root: str = access("data")
+    download: bool = access(True)
+    verify: bool | str = access("auto")   # true | false | auto
+
+    def load(self) -> tuple[ImageSet, ImageSet]:
+        if self.name not in CIFARS:
+            raise ValueError(f"dataset.name={self.name}; accepted: {', '.join(CIFARS)}")
+        return checked_classes(self, _cifar(self.name, self.root, download=self.download, verify=self.verify))
+
+
+@dataclass(frozen=True)
+class DigitsSpec:
+    """scikit-learn's 8x8 digits upsampled to 32x32, split 80/20 with ``seed``."""
+
+    name: str = "digits"
+    num_classes: int | None = None        # checked against the data when given
+    seed: int = 0
+
+    def load(self) -> tuple[ImageSet, ImageSet]:
+        return checked_classes(self, _digits(self.seed))
+
+
+@dataclass(frozen=True)
+class FakeSpec:
+    """Synthetic, learnable images (``_fake``)."""
+
+    name: str = "fake"
+    num_classes: int = 10
+    size: int = 32
+    train_size: int = 512
+    test_size: int = 256
+    seed: int = 0
+
+    def load(self) -> tuple[ImageSet, ImageSet]:
+        return _fake(self.num_classes, self.size, self.train_size, self.test_size, self.seed)
+
+
+CIFARS = ("cifar10", "cifar100")
+DATASETS = {"cifar10": CifarSpec, "cifar100": CifarSpec, "digits": DigitsSpec, "fake": FakeSpec}
+
+
+def load_dataset(name: str, root: str | None = None, **options: Any) -> tuple[ImageSet, ImageSet]:
+    """Return ``(train, test)`` for one of ``DATASETS``, with the options of its spec (``CifarSpec``:
+    ``root``, ``download``, ``verify``; ``DigitsSpec``: ``seed``; ``FakeSpec``: ``num_classes``, ``size``,
+    ``train_size``, ``test_size``, ``seed``)."""
+    if name not in DATASETS:
+        raise ValueError(f"dataset.name={name}; accepted: {', '.join(DATASETS)}")
+    spec = DATASETS[name]
+    if root is not None:
+        options["root"] = root
+    taken = [f.name for f in fields(spec) if f.name != "name"]
+    unknown = sorted(set(options) - set(taken))
+    if unknown:
+        raise ValueError(f"dataset.{unknown[0]}={options[unknown[0]]}; accepted: "
+                         f"{', '.join(f'dataset.{k}' for k in taken)}")
+    return spec(name=name, **options).load()
 
 
 VERIFY_MODES = (True, False, "auto")

@@ -24,14 +24,14 @@ import os
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from .cache import fingerprint
-from .data import ImageSet
+from .data import ImageSet, access
 from .loaders import SeededItems, ignore_sigint
 
 log = logging.getLogger(__name__)
@@ -198,37 +198,54 @@ def _few(names: list[str]) -> str:
     return (", ".join(names[:5]) + (" ..." if len(names) > 5 else "")) or "none"
 
 
-def load_imagefolder(root: str, *, name: str = "imagefolder", train_dir: str = "train", val_dir: str = "val",
-                     crop_size: int = 224, resize_size: int = 256, interpolation: str = "bilinear",
-                     num_workers: int = 8, num_classes: int | None = None, mean: Sequence[float] = IMAGENET_MEAN,
-                     std: Sequence[float] = IMAGENET_STD) -> tuple[FolderSet, FolderSet]:
-    """``(train, val)`` of an image folder; ``num_classes``, when given, must match the class folders."""
-    checks = [
-        (crop_size >= 1, f"dataset.crop_size={crop_size}; must be >= 1"),
-        (resize_size >= crop_size, f"dataset.resize_size={resize_size} is smaller than dataset.crop_size="
-                                   f"{crop_size}: the centre crop would not fit"),
-        (interpolation in INTERPOLATIONS, f"dataset.interpolation={interpolation!r}; accepted: "
-                                          f"{', '.join(INTERPOLATIONS)}"),
-        (num_workers >= 0, f"dataset.num_workers={num_workers}; must be >= 0"),
-        (len(mean) == 3 and len(std) == 3 and all(s > 0 for s in std),
-         f"dataset.mean={list(mean)}, dataset.std={list(std)}: three values each, std > 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-    base = Path(root).expanduser()
-    for split in (train_dir, val_dir):
-        if not (base / split).is_dir():
-            raise FileNotFoundError(f"{base / split} not found: dataset.root={str(root)!r} must hold {train_dir}/ "
-                                    f"and {val_dir}/, one sub-folder per class in each")
-    classes, train_files, train_labels = scan_split(base / train_dir)
-    if num_classes is not None and num_classes != len(classes):
-        raise ValueError(f"dataset.num_classes={num_classes} but {base / train_dir} has {len(classes)} class "
-                         f"folders")
-    _, val_files, val_labels = scan_split(base / val_dir, classes)
-    log.info("%s: %d training and %d validation images in %d classes under %s", name, len(train_files),
-             len(val_files), len(classes), base)
-    common = dict(classes=classes, mean=tuple(mean), std=tuple(std), name=name, crop_size=crop_size,
-                  resize_size=resize_size, interpolation=interpolation, num_workers=num_workers)
-    return (FolderSet(base / train_dir, train_files, train_labels, **common),
-            FolderSet(base / val_dir, val_files, val_labels, **common))
+@dataclass(frozen=True)
+class ImageFolderSpec:
+    """An image folder: ``<root>/<train_dir>`` and ``<root>/<val_dir>``, one sub-folder per class in each;
+    ``num_classes``, when given, must match the class folders. The crop and resize sizes and the
+    interpolation shape the pixels the model sees, so they are part of a run's identity; where the files
+    lie and how many processes decode them are not (``data.access``)."""
+
+    root: str = access()
+    name: str = "imagefolder"
+    num_classes: int | None = None
+    crop_size: int = 224            # training: RandomResizedCrop(crop_size) + flip; evaluation: centre crop
+    resize_size: int = 256          # evaluation: shorter side resized to this before the centre crop
+    interpolation: str = "bilinear"
+    train_dir: str = access("train")
+    val_dir: str = access("val")
+    num_workers: int = access(8)    # decoding processes per loader (per GPU under torchrun)
+
+    def load(self) -> tuple[FolderSet, FolderSet]:
+        """``(train, val)``, the sizes checked before the folders are read."""
+        checks = [
+            (self.crop_size >= 1, f"dataset.crop_size={self.crop_size}; must be >= 1"),
+            (self.resize_size >= self.crop_size, f"dataset.resize_size={self.resize_size} is smaller than "
+                                                 f"dataset.crop_size={self.crop_size}: the centre crop would not fit"),
+            (self.interpolation in INTERPOLATIONS, f"dataset.interpolation={self.interpolation}; accepted: "
+                                                   f"{', '.join(INTERPOLATIONS)}"),
+            (self.num_workers >= 0, f"dataset.num_workers={self.num_workers}; must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        base = Path(self.root).expanduser()
+        for split in (self.train_dir, self.val_dir):
+            if not (base / split).is_dir():
+                raise FileNotFoundError(f"{base / split} not found: dataset.root={str(self.root)!r} must hold "
+                                        f"{self.train_dir}/ and {self.val_dir}/, one sub-folder per class in each")
+        classes, train_files, train_labels = scan_split(base / self.train_dir)
+        if self.num_classes is not None and self.num_classes != len(classes):
+            raise ValueError(f"dataset.num_classes={self.num_classes}; accepted: {len(classes)} (the class folders "
+                             f"of {base / self.train_dir})")
+        _, val_files, val_labels = scan_split(base / self.val_dir, classes)
+        log.info("%s: %d training and %d validation images in %d classes under %s", self.name, len(train_files),
+                 len(val_files), len(classes), base)
+        common = dict(classes=classes, name=self.name, crop_size=self.crop_size, resize_size=self.resize_size,
+                      interpolation=self.interpolation, num_workers=self.num_workers)
+        return (FolderSet(base / self.train_dir, train_files, train_labels, **common),
+                FolderSet(base / self.val_dir, val_files, val_labels, **common))
+
+
+def load_imagefolder(root: str, **options: Any) -> tuple[FolderSet, FolderSet]:
+    """``(train, val)`` of an image folder; ``options``: the fields of ``ImageFolderSpec``."""
+    return ImageFolderSpec(root, **options).load()

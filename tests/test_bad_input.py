@@ -55,6 +55,9 @@ CASES = {
     "prune.bn_recalibration=512": ("prune.bn_recalibration is now recover.bn_images", 2),
     "prune.iterative_steps=2": ("prune.iterative_steps is now recover.iterative_steps", 2),
     "finetune.amp=bf16": ("finetune.amp is now execution.amp", 2),
+    "dataset.mean=[0.5,0.5,0.5]": ("dataset.mean is now model.mean", 2),
+    "model.std=[0,1,1]": ("model.std=[0.0, 1.0, 1.0]; accepted: three values > 0, or null (the weights' card, else "
+                          "the dataset's own)", 2),
     "scorer=ssim": ("In 'config': Could not find 'scorer/ssim'; available options in 'scorer': chip, ...", 2),
 }
 

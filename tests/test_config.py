@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -10,6 +11,7 @@ from omegaconf.errors import ValidationError
 from torch import nn
 
 from qsfm_cli.app import build, config_dir, reference_of
+from qsfm_cli.config import ModelConfig, RunConfig
 from qsfm_cli.models import create_model
 from qsfm_cli.papers import reference
 from qsfm_cli.plan import PlanSpec
@@ -41,13 +43,13 @@ def test_dataset_options_instantiate(name, tmp_path):
     if name.startswith("cifar"):
         # Offline and without a copy: the clear error, not a download attempt.
         with pytest.raises(FileNotFoundError, match="dataset.root"):
-            build(cfg.dataset, root=str(tmp_path), download=False)
+            build(cfg.dataset, root=str(tmp_path), download=False).load()
         return
     if name in ("imagefolder", "imagenet"):   # folders of real images: tests/test_imagefolder.py builds one
         with pytest.raises(FileNotFoundError, match="dataset.root"):
-            build(cfg.dataset, root=str(tmp_path))
+            build(cfg.dataset, root=str(tmp_path)).load()
         return
-    train, test = instantiate(cfg.dataset)
+    train, test = instantiate(cfg.dataset).load()
     assert train.num_classes == cfg.dataset.num_classes and len(test) > 0
 
 
@@ -136,3 +138,49 @@ def test_every_group_has_options():
 def test_unknown_reference_key_names_the_published_rows():
     with pytest.raises(ValueError, match="unknown reference 'chip_r56'; accepted: qsfm_resnet56, "):
         reference("chip_r56")
+
+
+def leaves(node: dict, prefix: str = "") -> dict:
+    """``{dotted key: value}`` of a plain mapping's leaves (lists are leaves)."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            out.update(leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def inherited(group: str, option: str, parents: list) -> dict:
+    """What the option would hold without its own keys: its parent option, its schema, or the run schema's."""
+    if parents and not str(parents[0]).startswith("/schema/"):
+        return OmegaConf.to_container(composed(f"{group}={parents[0]}")[group], resolve=False)
+    if parents:
+        path = str(parents[0]).removeprefix("/").split("@")[0]
+        return OmegaConf.to_container(OmegaConf.create(ConfigStore.instance().load(f"{path}.yaml").node))
+    if group == "model":
+        return OmegaConf.to_container(OmegaConf.structured(ModelConfig))
+    return OmegaConf.to_container(OmegaConf.structured(RunConfig)[group])
+
+
+# Published recipes are written out whole: a paper's protocol must not move when a schema default does.
+PINNED = {("finetune", "baseline"), ("finetune", "chip"), ("finetune", "hrank")}
+
+
+@pytest.mark.parametrize("group", ["dataset", "scorer", "prune", "recover", "finetune", "model"])
+def test_options_set_only_what_differs_from_what_they_extend(group):
+    for option in (o for o in options(group) if (group, o) not in PINNED):
+        raw = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"), resolve=False)
+        parents = [d for d in raw.pop("defaults", []) if d != "_self_"]
+        base = leaves(inherited(group, option, parents))
+        restated = [k for k, v in leaves(raw).items() if k in base and base[k] == v]
+        assert not restated, f"conf/{group}/{option}.yaml restates {restated}"
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiments_set_only_what_differs_from_their_groups(name):
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{name}.yaml"), resolve=False)
+    choices = [f"{k.removeprefix('override /')}={v}" for d in raw.pop("defaults", []) for k, v in d.items()]
+    base = leaves(OmegaConf.to_container(composed(*choices), resolve=False))
+    restated = [k for k, v in leaves(raw).items() if k in base and base[k] == v]
+    assert not restated, f"conf/experiment/{name}.yaml restates {restated}"

@@ -35,8 +35,15 @@ def test_offline_cifar_without_data_says_how_to_point_at_a_copy(tmp_path):
 
 
 def test_unknown_dataset_names_the_choices():
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'; accepted: cifar10, cifar100, digits, fake"):
+    with pytest.raises(ValueError, match="^dataset.name=mnist; accepted: cifar10, cifar100, digits, fake$"):
         load_dataset("mnist")
+
+
+def test_an_option_of_another_dataset_kind_and_a_wrong_class_count_are_refused():
+    with pytest.raises(ValueError, match="^dataset.size=16; accepted: dataset.num_classes, dataset.seed$"):
+        load_dataset("digits", size=16)
+    with pytest.raises(ValueError, match=r"^dataset.num_classes=100; accepted: 10 \(what digits holds\)$"):
+        load_dataset("digits", num_classes=100)
 
 
 def write_pickle(path, obj, protocol: int = 2) -> None:

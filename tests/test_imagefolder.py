@@ -3,6 +3,7 @@ collect -> score -> prune -> fine-tune -> evaluate stages on a small ImageFolder
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from qsfm_cli.app import build, config_dir
+from qsfm_cli import report
+from qsfm_cli.app import build, build_experiment, config_dir
 from qsfm_cli.collect import collect_stats
 from qsfm_cli.counting import count_macs, count_params
 from qsfm_cli.evaluate import accuracy
@@ -19,7 +21,9 @@ from qsfm_cli.imagefolder import FolderSet, UnreadableImageError, load_imagefold
 from qsfm_cli.loaders import DeviceLoader, TorchvisionLoader, input_shape, make_loader
 from qsfm_cli.models import create_model
 from qsfm_cli.plan import PlanSpec, make_keep
+from qsfm_cli.outputs import write_record
 from qsfm_cli.pruning import apply_keep, channel_sets
+from qsfm_cli.record import OK, Metrics, Results, RunRecord
 from qsfm_cli.scoring import get_scorer
 from qsfm_cli.train import STATE_FILE, Execution, TrainRecipe, train
 
@@ -151,7 +155,7 @@ def test_empty_class_folder_is_named(tmp_path):
 @pytest.mark.parametrize("change, message", [
     (lambda root: (root / "val" / "n03").rename(root / "val" / "n09"),
      "class folders of .*val differ from the training split's: missing n03; extra n09"),
-    (lambda root: None, "dataset.num_classes=1000 but .*train has 3 class folders"),
+    (lambda root: None, r"dataset.num_classes=1000; accepted: 3 \(the class folders of .*train\)"),
 ])
 def test_split_mismatches_are_one_line(tmp_path, change, message):
     root = make_image_folder(tmp_path)
@@ -162,7 +166,7 @@ def test_split_mismatches_are_one_line(tmp_path, change, message):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(crop_size=224, resize_size=200), "dataset.resize_size=200 is smaller than dataset.crop_size=224"),
-    (dict(interpolation="cubic"), "dataset.interpolation='cubic'; accepted: bilinear, bicubic"),
+    (dict(interpolation="cubic"), "dataset.interpolation=cubic; accepted: bilinear, bicubic"),
     (dict(num_workers=-1), "dataset.num_workers=-1; must be >= 0"),
 ])
 def test_bad_settings_fail_before_scanning(tmp_path, kwargs, message):
@@ -202,11 +206,32 @@ def composed(*overrides: str):
 
 def test_dataset_configs_build_folder_sets(folder):
     train, val = build(composed("dataset=imagefolder", f"dataset.root={folder}", "dataset.crop_size=48",
-                                "dataset.resize_size=56", "dataset.num_workers=0").dataset)
+                                "dataset.resize_size=56", "dataset.num_workers=0").dataset).load()
     assert isinstance(train, FolderSet) and (train.name, train.num_classes, train.crop_size) == ("imagefolder", 3, 48)
     assert val.classes == train.classes and train.mean == (0.485, 0.456, 0.406)
-    with pytest.raises(ValueError, match="dataset.num_classes=1000 but"):
-        build(composed("dataset=imagenet", f"dataset.root={folder}").dataset)
+    with pytest.raises(ValueError, match="dataset.num_classes=1000; accepted: 3 "):
+        build(composed("dataset=imagenet", f"dataset.root={folder}").dataset).load()
+
+
+def recorded_setting(folder: Path, run: Path, *overrides: str) -> Path:
+    """A run of ``dataset=imagefolder`` built as qsfm-run builds it, recorded as finished in ``run``."""
+    cfg = composed("experiment=smoke", "dataset=imagefolder", f"dataset.root={folder}", "dataset.crop_size=32",
+                   "dataset.resize_size=36", *overrides)
+    exp = build_experiment(cfg, run)
+    base = Metrics(top1=50.0, top5=90.0, macs=1000, params=100, latency_ms={})
+    write_record(run, RunRecord(exp.settings(), status=OK, results=Results(base, base, base, {}, {}, {})))
+    return run
+
+
+def test_the_data_access_keys_do_not_split_a_setting_and_the_pixels_do(folder, tmp_path):
+    recorded_setting(folder, tmp_path / "a", "dataset.num_workers=0")
+    copy = shutil.copytree(folder, tmp_path / "copy" / "data", symlinks=True)
+    recorded_setting(copy, tmp_path / "b", "dataset.num_workers=2", "dataset.train_dir=train")
+    recorded_setting(folder, tmp_path / "c", "dataset.num_workers=0", "dataset.interpolation=bicubic")
+    runs = report.collect_runs([tmp_path / name for name in "abc"])
+    assert runs.set_index("run")["series_key"].nunique() == 2
+    assert len(report.ratio_table(report.ok_runs(runs))) == 2   # a and b are one setting; c is another
+    assert "dataset.num_workers" not in runs.columns and set(runs["dataset.interpolation"]) == {"bilinear", "bicubic"}
 
 
 def test_imagenet_experiment_composes(folder):
