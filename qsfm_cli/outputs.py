@@ -44,8 +44,9 @@ def results_row(record: RunRecord) -> dict[str, Any]:
         row[f"base_latency_{batch}_ms"] = round(ms, 3)
         row[f"pruned_latency_{batch}_ms"] = round(final.latency_ms[batch], 3)
     for pair in results.latency.values():
-        # The eager PyTorch columns carry no prefix: they are the latency the rest of the row describes.
-        prefix, batch = ("" if pair["runtime"] == "torch" else "onnx_"), f"b{pair['batch']}"
+        # The eager PyTorch columns carry no prefix: they are the latency the rest of the row describes; any
+        # other runtime's are prefixed with its config name (eval.runtimes).
+        prefix, batch = ("" if pair["runtime"] == "torch" else f"{pair['runtime']}_"), f"b{pair['batch']}"
         if prefix:
             row[f"{prefix}base_latency_{batch}_ms"] = round(pair["base_ms"], 3)
             row[f"{prefix}pruned_latency_{batch}_ms"] = round(pair["pruned_ms"], 3)

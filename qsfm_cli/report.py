@@ -38,7 +38,8 @@ MD_COLUMNS = {  # results.csv column -> results.md header
     "base_top1": "base top-1", "top1_before_finetune": "top-1 pruned", "pruned_top1": "top-1 final",
     "top1_drop": "top-1 drop", "pruned_MACs_M": "MACs (M)", "MACs_reduction_%": "MACs ↓%",
     "pruned_params_M": "params (M)", "params_reduction_%": "params ↓%", "speedup_b1": "speedup b1",
-    "speedup_b64": "speedup b64", "onnx_speedup_b1": "ONNX speedup b1", "onnx_speedup_b64": "ONNX speedup b64",
+    "speedup_b64": "speedup b64", "onnxruntime_speedup_b1": "onnxruntime speedup b1",
+    "onnxruntime_speedup_b64": "onnxruntime speedup b64",
     "prune.target_speedup": "speed-up target", "predicted_speedup": "predicted speed-up",
     "measured_speedup": "measured speed-up",
     "time_score_s": "score s", "time_total_s": "total s",
@@ -212,7 +213,7 @@ def marked_speedups(ok: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
     false); and whether any was. Runs recorded without the trust flag keep their plain figure."""
     out, untrusted = ok.copy(), False
     for column in ok.columns:
-        match = re.fullmatch(r"((?:onnx_)?)speedup_(b\d+)", column)
+        match = re.fullmatch(r"((?:onnxruntime_)?)speedup_(b\d+)", column)
         flag = f"{match[1]}speedup_trusted_{match[2]}" if match else None
         if column == "measured_speedup":
             flag = "measured_speedup_trusted"

@@ -54,7 +54,7 @@ def l1_keep(model: nn.Module, ratio: float, multiple: int, scope: str) -> dict[s
 
 def runtimes(threads: int) -> list[tuple[str, str, int | None]]:
     """(column label, runtime, threads) of each measured setting."""
-    return [(f"{label} {n}T", runtime, n) for label, runtime in (("torch", "torch"), ("ORT", "onnxruntime"))
+    return [(f"{label} {n}T", runtime, n) for label, runtime in (("torch", "torch"), ("onnxruntime", "onnxruntime"))
             for n in dict.fromkeys((1, threads))]
 
 

@@ -39,8 +39,8 @@ def test_results_row_has_speedup_trust_columns_per_runtime():
         row = results_row(record)
         pair = record.results.latency["torch/b1"]
         assert row["speedup_b1"] == round(pair["speedup"], 3)
-        assert row["speedup_trusted_b1"] is trusted and row["onnx_speedup_trusted_b1"] is trusted
-        assert row["onnx_speedup_b1"] == round(record.results.latency["onnxruntime/b1"]["speedup"], 3)
+        assert row["speedup_trusted_b1"] is trusted and row["onnxruntime_speedup_trusted_b1"] is trusted
+        assert row["onnxruntime_speedup_b1"] == round(record.results.latency["onnxruntime/b1"]["speedup"], 3)
         assert row["latency_spread_b1"] == round(max(pair["base_spread"], pair["pruned_spread"]), 3)
     assert RunRecord.from_dict(busy.to_dict()) == busy
 
@@ -142,7 +142,7 @@ def test_results_csv_has_speedup_trust_columns_for_each_runtime(sweep):
         row = pd.read_csv(run_dir / "results.csv").iloc[0]
         record = RunRecord.from_dict(json.loads((run_dir / "metrics.json").read_text()))
         for key, pair in record.results.latency.items():
-            prefix = "" if pair["runtime"] == "torch" else "onnx_"
+            prefix = "" if pair["runtime"] == "torch" else "onnxruntime_"
             assert row[f"{prefix}speedup_b{pair['batch']}"] == round(pair["speedup"], 3)
             assert bool(row[f"{prefix}speedup_trusted_b{pair['batch']}"]) == pair["trusted"]
         assert sorted(record.results.latency) == ["onnxruntime/b1", "onnxruntime/b8", "torch/b1", "torch/b8"]
