@@ -152,11 +152,12 @@ def check_normalization(mean: Any, std: Any) -> None:
 
 
 def within(section: str, make: Callable[[Any], T], values: Any) -> T:
-    """``make(values)``, its bad-value error naming the config section it came from."""
+    """``make(values)``, its bad-value error (``key=value; accepted: ...``) naming the key under the config
+    section it came from."""
     try:
         return make(values)
     except ValueError as err:
-        raise ValueError(f"{section}: {err}") from None
+        raise ValueError(f"{section}.{err}") from None
 
 
 def print_summary(record: RunRecord) -> None:

@@ -44,11 +44,11 @@ class ExportSpec:
 
     def __post_init__(self) -> None:
         if self.check_images < 1:
-            raise ValueError(f"export.check_images={self.check_images}; must be >= 1")
+            raise ValueError(f"export.check_images={self.check_images}; accepted: >= 1")
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
             raise ValueError(f"export.quantize={self.quantize}; accepted: {', '.join(QUANTIZATIONS)} (or null)")
         if self.calibration_images < 1:
-            raise ValueError(f"export.calibration_images={self.calibration_images}; must be >= 1")
+            raise ValueError(f"export.calibration_images={self.calibration_images}; accepted: >= 1")
 
 
 def _checked_images(images: torch.Tensor, what: str) -> torch.Tensor:

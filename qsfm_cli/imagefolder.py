@@ -218,12 +218,12 @@ class ImageFolderSpec:
     def load(self) -> tuple[FolderSet, FolderSet]:
         """``(train, val)``, the sizes checked before the folders are read."""
         checks = [
-            (self.crop_size >= 1, f"dataset.crop_size={self.crop_size}; must be >= 1"),
+            (self.crop_size >= 1, f"dataset.crop_size={self.crop_size}; accepted: >= 1"),
             (self.resize_size >= self.crop_size, f"dataset.resize_size={self.resize_size} is smaller than "
                                                  f"dataset.crop_size={self.crop_size}: the centre crop would not fit"),
             (self.interpolation in INTERPOLATIONS, f"dataset.interpolation={self.interpolation}; accepted: "
                                                    f"{', '.join(INTERPOLATIONS)}"),
-            (self.num_workers >= 0, f"dataset.num_workers={self.num_workers}; must be >= 0"),
+            (self.num_workers >= 0, f"dataset.num_workers={self.num_workers}; accepted: >= 0"),
         ]
         for ok, message in checks:
             if not ok:

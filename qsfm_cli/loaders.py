@@ -310,7 +310,7 @@ def make_loader(ds: ImageSet | FolderSet, batch_size: int, *, device: str | torc
     ``TorchvisionLoader`` with its own transforms and ``num_workers`` (``dataset.num_workers``): its images
     are files, never a tensor on the device."""
     if path not in PATHS:
-        raise ValueError(f"unknown data path {path!r}; accepted: {', '.join(PATHS)}")
+        raise ValueError(f"execution.data_path={path}; accepted: {', '.join(PATHS)}")
     device = torch.device(device)
     kwargs = dict(device=device, train=train, seed=seed, drop_last=drop_last, channels_last=channels_last,
                   shard=shard)

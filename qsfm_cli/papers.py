@@ -139,7 +139,7 @@ def reference(key: str) -> Reference:
     for row in REFERENCES:
         if row.key == key:
             return row
-    raise ValueError(f"unknown reference {key!r}; accepted: {', '.join(r.key for r in REFERENCES)}")
+    raise ValueError(f"reference={key}; accepted: {', '.join(r.key for r in REFERENCES)}")
 
 
 def attached_reference(key: str | None, model: str, dataset: str, method: str) -> tuple[Reference | None, str]:

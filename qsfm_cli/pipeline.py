@@ -58,7 +58,7 @@ class CollectSpec:
     def __post_init__(self) -> None:
         for name in ("num_images", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"collect.{name}={getattr(self, name)}; must be >= 1")
+                raise ValueError(f"collect.{name}={getattr(self, name)}; accepted: >= 1")
 
 
 @dataclass(frozen=True)
@@ -79,16 +79,16 @@ class EvalSpec:
         if not self.runtimes or any(r not in RUNTIMES for r in self.runtimes):
             raise ValueError(f"eval.runtimes={list(self.runtimes)}; accepted: one or more of {', '.join(RUNTIMES)}")
         if self.batch_size < 1:
-            raise ValueError(f"eval.batch_size={self.batch_size}; must be >= 1")
+            raise ValueError(f"eval.batch_size={self.batch_size}; accepted: >= 1")
         if self.latency_repeats < 1:
-            raise ValueError(f"eval.latency_repeats={self.latency_repeats}; must be >= 1")
+            raise ValueError(f"eval.latency_repeats={self.latency_repeats}; accepted: >= 1")
         if self.latency_batches and self.latency_repeats < MIN_REPEATS:
-            raise ValueError(f"eval.latency_repeats={self.latency_repeats}; must be >= {MIN_REPEATS} (a spread "
+            raise ValueError(f"eval.latency_repeats={self.latency_repeats}; accepted: >= {MIN_REPEATS} (a spread "
                              f"needs them)")
         if self.select_images < 0:
             raise ValueError(f"eval.select_images={self.select_images}; must be >= 0 (0: off)")
         if any(b < 1 for b in self.latency_batches):
-            raise ValueError(f"eval.latency_batches={list(self.latency_batches)}; every batch size must be >= 1 "
+            raise ValueError(f"eval.latency_batches={list(self.latency_batches)}; accepted: batch sizes >= 1 "
                              f"(an empty list measures no latency)")
 
 
@@ -192,7 +192,7 @@ def resolve_device(name: str, slot: int = 0) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; accepted: auto, cpu, cuda, cuda:N, mps") from None
+        raise ValueError(f"device={name}; accepted: auto, cpu, cuda, cuda:N, mps") from None
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(device.type, True):
         raise ValueError(f"device {name!r} requested but {device.type} is not available; accepted here: auto, cpu")

@@ -38,13 +38,13 @@ _DEFAULT_CHUNK_ELEMENTS = 1 << 23
 def check_metric_options(metric: str, k1: float, k2: float, window: int, sigma: float) -> None:
     """Raise ``ValueError`` naming the bad value when a metric or SSIM option is outside its domain."""
     if metric not in METRICS:
-        raise ValueError(f"unknown similarity metric {metric!r}; accepted: {', '.join(METRICS)}")
+        raise ValueError(f"scorer.metric={metric}; accepted: {', '.join(METRICS)}")
     if not (k1 > 0 and k2 > 0):
-        raise ValueError(f"ssim constants must be > 0, got k1={k1!r}, k2={k2!r}")
+        raise ValueError(f"scorer.k1={k1}, scorer.k2={k2}; accepted: > 0 each")
     if int(window) != window or window < 1:
-        raise ValueError(f"ssim window must be a positive integer, got {window!r}")
+        raise ValueError(f"scorer.window={window}; accepted: a positive integer")
     if not sigma > 0:
-        raise ValueError(f"ssim sigma must be > 0, got {sigma!r}")
+        raise ValueError(f"scorer.sigma={sigma}; accepted: > 0")
 
 
 def similarity_matrix(maps: torch.Tensor, metric: str = "ssim", *, k1: float = 0.01, k2: float = 0.03,

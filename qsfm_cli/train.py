@@ -80,26 +80,27 @@ class TrainRecipe:
         _check_choice("schedule", self.schedule, SCHEDULES)
         for name in ("epochs", "warmup_epochs"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{name}={getattr(self, name)}; accepted: >= 0")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise ValueError(f"batch_size={self.batch_size}; accepted: >= 1")
         for name in ("lr", "momentum", "weight_decay", "gamma"):
             if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+                raise ValueError(f"{name}={getattr(self, name)}; accepted: a finite number")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise ValueError(f"lr={self.lr}; accepted: > 0")
         if self.nesterov and self.momentum <= 0:
-            raise ValueError(f"nesterov needs momentum > 0, got momentum={self.momentum}")
+            raise ValueError(f"momentum={self.momentum}; accepted with nesterov=true: > 0")
         if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise ValueError(f"label_smoothing={self.label_smoothing}; accepted: a number in [0, 1)")
         for m in self.milestones:
             if m <= 0 or (m >= 1 and m != int(m)):
-                raise ValueError(f"milestone {m!r} must be a fraction in (0, 1) or a whole epoch number >= 1")
+                raise ValueError(f"milestones={list(self.milestones)}; accepted: fractions in (0, 1) or whole "
+                                 f"epoch numbers >= 1")
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> "TrainRecipe":
         """Like ``TrainRecipe(**cfg)``, with a one-line error naming an unknown key."""
-        return cls(**_known_keys(cls, cfg, "training option"))
+        return cls(**_known_keys(cls, cfg))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able; what a baseline cache key or a resume must match."""
@@ -138,27 +139,27 @@ class Execution:
         _check_choice("data_path", self.data_path, PATHS)
         for name in ("eval_every", "num_workers"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{name}={getattr(self, name)}; accepted: >= 0")
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> "Execution":
-        return cls(**_known_keys(cls, cfg, "execution option"))
+        return cls(**_known_keys(cls, cfg))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _known_keys(cls: type, cfg: Mapping[str, Any], what: str) -> dict[str, Any]:
+def _known_keys(cls: type, cfg: Mapping[str, Any]) -> dict[str, Any]:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(cfg) - known)
     if unknown:
-        raise ValueError(f"unknown {what}(s) {unknown}; accepted: {', '.join(sorted(known))}")
+        raise ValueError(f"{unknown[0]}={cfg[unknown[0]]}; accepted: {', '.join(sorted(known))}")
     return dict(cfg)
 
 
 def _check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
     if value not in accepted:
-        raise ValueError(f"unknown {name} {value!r}; accepted: {', '.join(accepted)}")
+        raise ValueError(f"{name}={value}; accepted: {', '.join(accepted)}")
 
 
 @dataclass

@@ -80,7 +80,7 @@ def test_same_config_prunes_the_same_channels(tmp_path):
     ("recover.name=foo", f"recover.name=foo; accepted: {', '.join(list_recoveries())}"),
     ("recover.iterative_steps=0", "recover.iterative_steps=0"),
     ("recover.bn_images=1", "recover.bn_images=1"),
-    ("recover=lstsq recover.ridge=-1", "recover.ridge=-1.0; must be >= 0"),
+    ("recover=lstsq recover.ridge=-1", "recover.ridge=-1.0; accepted: >= 0"),
 ])
 def test_bad_values_fail_with_one_line_naming_them(tmp_path, override, message):
     with pytest.raises((ValueError, FileNotFoundError)) as err:

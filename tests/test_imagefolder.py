@@ -167,7 +167,7 @@ def test_split_mismatches_are_one_line(tmp_path, change, message):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(crop_size=224, resize_size=200), "dataset.resize_size=200 is smaller than dataset.crop_size=224"),
     (dict(interpolation="cubic"), "dataset.interpolation=cubic; accepted: bilinear, bicubic"),
-    (dict(num_workers=-1), "dataset.num_workers=-1; must be >= 0"),
+    (dict(num_workers=-1), "dataset.num_workers=-1; accepted: >= 0"),
 ])
 def test_bad_settings_fail_before_scanning(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -186,11 +186,11 @@ def test_torchvision_resnet18_is_refit_per_block():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"name": "sequential", "ridge": -1.0}, "recover.ridge=-1.0; must be >= 0"),
-    ({"name": "sequential", "images": 0}, "recover.images=0; must be >= 1"),
-    ({"name": "sequential", "target": "stream"}, "recover.target='stream'; accepted: block, layer"),
-    ({"name": "blockwise", "steps": -5}, "recover.steps=-5; must be >= 0"),
-    ({"name": "blockwise", "lr": 0.0}, "recover.lr=0.0; must be > 0"),
+    ({"name": "sequential", "ridge": -1.0}, "recover.ridge=-1.0; accepted: >= 0"),
+    ({"name": "sequential", "images": 0}, "recover.images=0; accepted: >= 1"),
+    ({"name": "sequential", "target": "stream"}, "recover.target=stream; accepted: block, layer"),
+    ({"name": "blockwise", "steps": -5}, "recover.steps=-5; accepted: >= 0"),
+    ({"name": "blockwise", "lr": 0.0}, "recover.lr=0.0; accepted: > 0"),
 ])
 def test_bad_options_fail_with_one_line(options, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("[", r"\[")):

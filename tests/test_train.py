@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import re
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -234,21 +235,21 @@ def test_protocol_configs_match_the_papers():
 # --- recipe and schedule ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(schedule="linear"), "unknown schedule 'linear'; accepted: step, cosine"),
-    (dict(milestones=[0.5, 2.5]), "milestone 2.5"),
-    (dict(nesterov=True, momentum=0.0), "nesterov needs momentum > 0"),
-    (dict(batch_size=0), "batch_size must be >= 1"),
-    (dict(lr=float("inf")), "lr must be a finite number, got inf"),
+    (dict(schedule="linear"), "schedule=linear; accepted: step, cosine"),
+    (dict(milestones=[0.5, 2.5]), "milestones=[0.5, 2.5]; accepted: fractions in (0, 1)"),
+    (dict(nesterov=True, momentum=0.0), "momentum=0.0; accepted with nesterov=true: > 0"),
+    (dict(batch_size=0), "batch_size=0; accepted: >= 1"),
+    (dict(lr=float("inf")), "lr=inf; accepted: a finite number"),
 ])
 def test_bad_recipe_values_are_named(bad, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         TrainRecipe(**bad)
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(amp="fp8"), "unknown amp 'fp8'; accepted: auto, bf16, fp16, none"),
-    (dict(data_path="disk"), "unknown data_path 'disk'; accepted: auto, device, torchvision"),
-    (dict(num_workers=-1), "num_workers must be >= 0"),
+    (dict(amp="fp8"), "amp=fp8; accepted: auto, bf16, fp16, none"),
+    (dict(data_path="disk"), "data_path=disk; accepted: auto, device, torchvision"),
+    (dict(num_workers=-1), "num_workers=-1; accepted: >= 0"),
 ])
 def test_bad_execution_values_are_named(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -256,9 +257,9 @@ def test_bad_execution_values_are_named(bad, message):
 
 
 def test_unknown_recipe_key_is_named():
-    with pytest.raises(ValueError, match=r"unknown training option\(s\) \['lr_decay'\]; accepted: batch_size"):
+    with pytest.raises(ValueError, match=r"^lr_decay=0.1; accepted: batch_size"):
         TrainRecipe.from_dict({"lr_decay": 0.1})
-    with pytest.raises(ValueError, match=r"unknown execution option\(s\) \['epochs'\]; accepted: amp"):
+    with pytest.raises(ValueError, match=r"^epochs=3; accepted: amp"):
         Execution.from_dict({"epochs": 3})
 
 
@@ -396,7 +397,7 @@ def test_make_loader_picks_and_rejects(data):
     assert isinstance(make_loader(data[0], 8, device="cpu", train=True), DeviceLoader)
     assert isinstance(make_loader(data[0], 8, device="cpu", train=True, path="torchvision", num_workers=0),
                       TorchvisionLoader)
-    with pytest.raises(ValueError, match="unknown data path 'ram'; accepted: auto, device, torchvision"):
+    with pytest.raises(ValueError, match="^execution.data_path=ram; accepted: auto, device, torchvision$"):
         make_loader(data[0], 8, device="cpu", train=True, path="ram")
 
 

@@ -169,8 +169,8 @@ def test_single_run_is_tracked_by_every_logger(tmp_path):
 @pytest.mark.parametrize("make, message", [
     (lambda: EvalSpec(runtimes=("onnx",)), "eval.runtimes=['onnx']; accepted: one or more of torch, onnxruntime"),
     (lambda: EvalSpec(runtimes=()), "eval.runtimes=[]; accepted:"),
-    (lambda: EvalSpec(latency_repeats=2), "eval.latency_repeats=2; must be >= 3"),
-    (lambda: ExportSpec(check_images=0), "export.check_images=0; must be >= 1"),
+    (lambda: EvalSpec(latency_repeats=2), "eval.latency_repeats=2; accepted: >= 3"),
+    (lambda: ExportSpec(check_images=0), "export.check_images=0; accepted: >= 1"),
 ])
 def test_bad_eval_and_export_values_are_one_clear_error(make, message):
     with pytest.raises(ValueError) as err:

@@ -124,7 +124,7 @@ def choose_layout(rates: list[float], available: list[RateLayout], chosen: str |
     if chosen is not None:
         layout = next((lay for lay in available if lay.name == chosen), None)
         if layout is None:
-            raise ValueError(f"unknown prune.rate_layout {chosen!r}; accepted for this model: "
+            raise ValueError(f"prune.rate_layout={chosen}; accepted for this model: "
                              f"{', '.join(lay.name for lay in available)}")
         if len(layout.targets) != len(rates):
             raise ValueError(f"prune.rates has {len(rates)} entries; prune.rate_layout={chosen} takes "

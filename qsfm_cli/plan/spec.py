@@ -53,23 +53,23 @@ class PlanSpec:
     def __post_init__(self) -> None:
         _check_types(self)
         if not 0 <= self.ratio < 1:
-            raise ValueError(f"prune.ratio must be in [0, 1), got {self.ratio}")
+            raise ValueError(f"prune.ratio={self.ratio}; accepted: a number in [0, 1)")
         chosen = [name for name, s in PROTOCOLS.items() if not s.default and getattr(self, name) is not None]
         if len(chosen) > 1:
             optional = ", ".join(f"prune.{name}" for name, s in PROTOCOLS.items() if not s.default)
             raise ValueError(f"prune.{chosen[0]} and prune.{chosen[1]} are both set; set at most one of {optional}")
         grid = tuple(float(r) for r in self.sensitivity_grid)
         if not grid or any(not 0 < r < 1 for r in grid):
-            raise ValueError(f"prune.sensitivity_grid must hold ratios in (0, 1), got {list(grid)}")
+            raise ValueError(f"prune.sensitivity_grid={list(grid)}; accepted: ratios in (0, 1)")
         object.__setattr__(self, "sensitivity_grid", tuple(sorted(set(grid))))
         if self.sensitivity_images < 1:
-            raise ValueError(f"prune.sensitivity_images must be >= 1, got {self.sensitivity_images}")
+            raise ValueError(f"prune.sensitivity_images={self.sensitivity_images}; accepted: >= 1")
         if self.scope not in SCOPES:
-            raise ValueError(f"unknown prune.scope {self.scope!r}; accepted: {', '.join(SCOPES)}")
+            raise ValueError(f"prune.scope={self.scope}; accepted: {', '.join(SCOPES)}")
         if self.min_channels < 1:
-            raise ValueError(f"prune.min_channels must be >= 1, got {self.min_channels}")
+            raise ValueError(f"prune.min_channels={self.min_channels}; accepted: >= 1")
         if self.round_to < 1:
-            raise ValueError(f"prune.round_to must be >= 1 (1: off), got {self.round_to}")
+            raise ValueError(f"prune.round_to={self.round_to}; accepted: >= 1 (1: off)")
         for strategy in PROTOCOLS.values():
             strategy.check(self)
 
@@ -79,7 +79,8 @@ class PlanSpec:
         names = [f.name for f in fields(cls)]
         unknown = sorted(set(cfg) - set(names))
         if unknown:
-            raise ValueError(f"unknown key prune.{unknown[0]}; accepted: {', '.join(sorted(names))}")
+            raise ValueError(f"prune.{unknown[0]}={cfg[unknown[0]]}; accepted: "
+                             f"{', '.join(f'prune.{n}' for n in sorted(names))}")
         return cls(**cfg)
 
     @property
@@ -161,8 +162,8 @@ def _check_types(spec: PlanSpec) -> None:
             value = tuple(value)
             object.__setattr__(spec, f.name, value)
         if not any(_matches(value, h) for h in _alternatives(hint)):
-            raise ValueError(f"prune.{f.name} must be {' or '.join(_describe(h) for h in _alternatives(hint))}, "
-                             f"got {value!r}")
+            raise ValueError(f"prune.{f.name}={value!r}; accepted: "
+                             f"{' or '.join(_describe(h) for h in _alternatives(hint))}")
 
 
 def _alternatives(hint: Any) -> tuple[Any, ...]:

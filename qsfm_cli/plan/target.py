@@ -28,15 +28,15 @@ class Target(Strategy):
 
     def check(self, spec: PlanSpec) -> None:
         if spec.target_macs_reduction is not None and not 0 < spec.target_macs_reduction < 1:
-            raise ValueError(f"prune.target_macs_reduction must be in (0, 1), got {spec.target_macs_reduction}")
+            raise ValueError(f"prune.target_macs_reduction={spec.target_macs_reduction}; accepted: a number in (0, 1)")
         if spec.allocation not in ALLOCATIONS:
-            raise ValueError(f"unknown prune.allocation {spec.allocation!r}; accepted: {', '.join(ALLOCATIONS)}")
+            raise ValueError(f"prune.allocation={spec.allocation}; accepted: {', '.join(ALLOCATIONS)}")
         if spec.allocation != "uniform" and spec.target_macs_reduction is None and spec.target_speedup is None:
             raise ValueError(f"prune.allocation={spec.allocation} needs prune.target_macs_reduction or "
                              "prune.target_speedup")
         params = spec.target_params_reduction
         if params is not None and not 0 < params < 1:
-            raise ValueError(f"prune.target_params_reduction must be in (0, 1), got {params}")
+            raise ValueError(f"prune.target_params_reduction={params}; accepted: a number in (0, 1)")
         if params is not None and (spec.allocation != "sensitivity" or spec.target_macs_reduction is None):
             raise ValueError("prune.target_params_reduction needs prune.allocation=sensitivity and "
                              "prune.target_macs_reduction (the parameters are priced in the allocation)")

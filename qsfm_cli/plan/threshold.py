@@ -31,7 +31,7 @@ class Threshold(Strategy):
 
     def check(self, spec: PlanSpec) -> None:
         if spec.threshold is not None and not math.isfinite(spec.threshold):
-            raise ValueError(f"prune.threshold must be a finite number, got {spec.threshold}")
+            raise ValueError(f"prune.threshold={spec.threshold}; accepted: a finite number")
 
     def uses_threshold(self, spec: PlanSpec) -> bool:
         return True

@@ -43,7 +43,7 @@ def channel_sets(model: nn.Module, example_input: torch.Tensor, scope: str = "de
     streams (ResNet stem and stage outputs, MobileNetV2 stem and block outputs); "all" is every set.
     """
     if scope not in SCOPES:
-        raise ValueError(f"unknown prune.scope {scope!r}; accepted: {', '.join(SCOPES)}")
+        raise ValueError(f"prune.scope={scope}; accepted: {', '.join(SCOPES)}")
     return get_adapter(model).channel_sets(model, example_input, scope)
 
 

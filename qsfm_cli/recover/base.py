@@ -88,16 +88,16 @@ class RecoverySpec:
         if self.bn_images != 0 and self.bn_images < 2:
             raise ValueError(f"recover.bn_images={self.bn_images}; accepted: 0 (off) or at least 2 images")
         if self.bn_batch_size < 1:
-            raise ValueError(f"recover.bn_batch_size={self.bn_batch_size}; must be >= 1")
+            raise ValueError(f"recover.bn_batch_size={self.bn_batch_size}; accepted: >= 1")
         if self.iterative_steps < 1:
-            raise ValueError(f"recover.iterative_steps={self.iterative_steps}; must be >= 1")
+            raise ValueError(f"recover.iterative_steps={self.iterative_steps}; accepted: >= 1")
         if self.distill_steps < 0:
-            raise ValueError(f"recover.distill_steps={self.distill_steps}; must be >= 0 (0: off)")
+            raise ValueError(f"recover.distill_steps={self.distill_steps}; accepted: >= 0 (0: off)")
         if self.distill_images < 1 or self.distill_batch_size < 1:
             bad = "distill_images" if self.distill_images < 1 else "distill_batch_size"
-            raise ValueError(f"recover.{bad}={getattr(self, bad)}; must be >= 1")
+            raise ValueError(f"recover.{bad}={getattr(self, bad)}; accepted: >= 1")
         if not self.distill_lr > 0:
-            raise ValueError(f"recover.distill_lr={self.distill_lr}; must be > 0")
+            raise ValueError(f"recover.distill_lr={self.distill_lr}; accepted: > 0")
 
     @property
     def label(self) -> str:

@@ -87,9 +87,9 @@ class Blockwise(Sequential):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.steps < 0:
-            raise ValueError(f"recover.steps={self.steps}; must be >= 0 (0: the least-squares fit alone)")
+            raise ValueError(f"recover.steps={self.steps}; accepted: >= 0 (0: the least-squares fit alone)")
         if not self.lr > 0:
-            raise ValueError(f"recover.lr={self.lr}; must be > 0")
+            raise ValueError(f"recover.lr={self.lr}; accepted: > 0")
 
     def refit(self, original: nn.Module, pruned: nn.Module, sets: list[ChannelSet], keep: Keep,
               images: ImageSet, *, seed: int, device: str | torch.device = "cpu",

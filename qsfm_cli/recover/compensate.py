@@ -36,9 +36,9 @@ def compensate(model: nn.Module, channel_sets: list[ChannelSet], stats: dict[str
     Returns, per such set, what was done ("compensated") or why not (for the log and ``metrics.json``).
     """
     if mode not in MODES:
-        raise ValueError(f"unknown compensation {mode!r}; accepted: {', '.join(MODES)}")
+        raise ValueError(f"recover.name={mode}; accepted: {', '.join(MODES)}")
     if ridge < 0:
-        raise ValueError(f"recover.ridge must be >= 0 (0: plain least squares), got {ridge}")
+        raise ValueError(f"recover.ridge={ridge}; accepted: >= 0 (0: plain least squares)")
     status = {}
     for s in channel_sets:
         kept = sorted(keep.get(s.name, range(s.size)))
@@ -139,7 +139,7 @@ class _Compensation(Recovery):
 
     def __post_init__(self) -> None:
         if self.ridge < 0:
-            raise ValueError(f"recover.ridge={self.ridge}; must be >= 0 (0: plain least squares)")
+            raise ValueError(f"recover.ridge={self.ridge}; accepted: >= 0 (0: plain least squares)")
 
     def requests(self) -> set[StatRequest]:
         return {StatRequest.moments()}

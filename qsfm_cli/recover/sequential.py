@@ -382,12 +382,12 @@ class Sequential(Recovery):
 def check_options(r) -> None:
     """One clear line for a bad option shared by the reconstructions."""
     if r.images < 1:
-        raise ValueError(f"recover.images={r.images}; must be >= 1")
+        raise ValueError(f"recover.images={r.images}; accepted: >= 1")
     if r.ridge < 0:
-        raise ValueError(f"recover.ridge={r.ridge}; must be >= 0 (0: plain least squares)")
+        raise ValueError(f"recover.ridge={r.ridge}; accepted: >= 0 (0: plain least squares)")
     if r.batch_size < 1:
-        raise ValueError(f"recover.batch_size={r.batch_size}; must be >= 1")
+        raise ValueError(f"recover.batch_size={r.batch_size}; accepted: >= 1")
     if r.positions < 0:
-        raise ValueError(f"recover.positions={r.positions}; must be >= 0 (0: every pixel)")
+        raise ValueError(f"recover.positions={r.positions}; accepted: >= 0 (0: every pixel)")
     if r.target not in TARGETS:
-        raise ValueError(f"recover.target={r.target!r}; accepted: {', '.join(TARGETS)}")
+        raise ValueError(f"recover.target={r.target}; accepted: {', '.join(TARGETS)}")
