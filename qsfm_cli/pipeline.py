@@ -86,7 +86,7 @@ class EvalSpec:
             raise ValueError(f"eval.latency_repeats={self.latency_repeats}; accepted: >= {MIN_REPEATS} (a spread "
                              f"needs them)")
         if self.select_images < 0:
-            raise ValueError(f"eval.select_images={self.select_images}; must be >= 0 (0: off)")
+            raise ValueError(f"eval.select_images={self.select_images}; accepted: >= 0 (0: off)")
         if any(b < 1 for b in self.latency_batches):
             raise ValueError(f"eval.latency_batches={list(self.latency_batches)}; accepted: batch sizes >= 1 "
                              f"(an empty list measures no latency)")

@@ -229,8 +229,8 @@ def test_distillation_is_named_in_the_label_and_checked():
     assert get_recovery("blockwise", distill_steps=300).label == "blockwise+distill300"
     assert get_recovery("none", distill_steps=5, bn_images=64).label == "bn+distill5"
     assert "distill_steps" not in get_recovery("blockwise").describe()
-    for option, value, message in [("distill_steps", -1, "recover.distill_steps=-1; must be >= 0 (0: off)"),
-                                   ("distill_images", 0, "recover.distill_images=0; must be >= 1"),
-                                   ("distill_lr", 0.0, "recover.distill_lr=0.0; must be > 0")]:
+    for option, value, message in [("distill_steps", -1, "recover.distill_steps=-1; accepted: >= 0 (0: off)"),
+                                   ("distill_images", 0, "recover.distill_images=0; accepted: >= 1"),
+                                   ("distill_lr", 0.0, "recover.distill_lr=0.0; accepted: > 0")]:
         with pytest.raises(ValueError, match=rf"^{message}$".replace("(", r"\(").replace(")", r"\)")):
             get_recovery("blockwise", **{option: value})
