@@ -145,3 +145,18 @@ def test_unreachable_target_is_refused_before_weights_and_statistics(tmp_path, m
     record = RunRecord.from_dict(json.loads((tmp_path / "run" / "metrics.json").read_text()))
     assert record.status == "failed" and not {"baseline", "collect", "score"} & set(record.timings_s)
     assert not (tmp_path / "cache" / "stats").exists()
+
+
+@pytest.mark.parametrize("scorer, recover", [("qsfm", "lstsq"), ("fpgm", "sequential recover.images=64")])
+def test_speed_target_composes_with_the_sensitivity_allocation_scorers_and_recoveries(tmp_path, monkeypatch, scorer,
+                                                                                       recover):
+    macs_clock(monkeypatch)
+    record = run_experiment(experiment(tmp_path, "prune=speed", *SPEED, f"scorer={scorer}", *f"recover={recover}".split(),
+                                       "prune.sensitivity_grid=[0.25,0.5,0.75]", "prune.sensitivity_images=32",
+                                       "eval.latency_batches=[]"))
+    plan = record.results.plan
+    assert plan["protocol"] == "target_speedup" and plan["predicted_speedup"] >= 1.3
+    assert plan["sensitivity_fold"] == "lstsq" and record.cache["sensitivity"] == "miss"
+    assert record.results.speed["measured_speedup"] > 0 and record.settings.recovery.startswith(recover.split()[0])
+    assert record.results.kept_channels == {
+        name: {"kept": plan["kept_widths"][name], "total": v["total"]} for name, v in record.results.kept_channels.items()}
