@@ -7,6 +7,7 @@ recovery, after each fine-tuning epoch (train_log.csv) and at the end (fp32, all
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import sys
 from pathlib import Path
@@ -38,4 +39,10 @@ def main(sweep: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) == 2 else sys.exit(__doc__))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep", type=Path, metavar="SWEEP_DIR",
+                        help="the sweep directory scripts/finetune_table.sh wrote (OUT_DIR/runs)")
+    sweep = parser.parse_args().sweep
+    if not sweep.is_dir():
+        parser.error(f"SWEEP_DIR={sweep}; accepted: an existing directory")
+    main(sweep)

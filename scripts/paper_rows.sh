@@ -6,6 +6,9 @@
 # networks' size and accuracy before fine-tuning, as docs/results.md's table does on a CPU. The CHIP ResNet-110
 # row is skipped when RESNET110_CHECKPOINT is not a file.
 set -euo pipefail
+case ${1:-} in  # --help: the comment above
+  -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
+esac
 usage="usage: paper_rows.sh DATA_ROOT RESNET56_CHECKPOINT RESNET110_CHECKPOINT OUT_DIR [overrides...]"
 if [ $# -lt 4 ]; then
   echo "$usage" >&2

@@ -7,6 +7,7 @@ recover stage; second: every run of OUT_DIR/best (the best recipe at several tar
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -71,4 +72,9 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) == 2 else sys.exit(__doc__))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, metavar="OUT_DIR", help="the OUT_DIR of scripts/recovery_table.sh")
+    out = parser.parse_args().out
+    if not out.is_dir():
+        parser.error(f"OUT_DIR={out}; accepted: an existing directory")
+    main(out)

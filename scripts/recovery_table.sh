@@ -4,6 +4,9 @@
 # (experiment=qsfm_resnet56_posttrain) at -30% and -70% MACs. Every row is a qsfm-run of its own.
 #   bash scripts/recovery_table.sh DATA_ROOT RESNET56_CHECKPOINT OUT_DIR [extra overrides...]
 set -euo pipefail
+case ${1:-} in  # --help: the comment above
+  -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
+esac
 usage="usage: recovery_table.sh DATA_ROOT RESNET56_CHECKPOINT OUT_DIR [overrides...]"
 [ $# -ge 3 ] || { echo "$usage" >&2; exit 2; }
 data=$1; ckpt=$2; out=$3; shift 3

@@ -3,6 +3,9 @@
 #   bash scripts/scorer_table.sh DATA_ROOT CHECKPOINT [OUT_DIR]
 # DATA_ROOT holds cifar-10-batches-py/; CHECKPOINT is resnet56-4bfd9763.th of pytorch_resnet_cifar10.
 set -euo pipefail
+case ${1:-} in  # --help: the comment above
+  -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
+esac
 data=${1:?usage: scorer_table.sh DATA_ROOT CHECKPOINT [OUT_DIR]}
 ckpt=${2:?usage: scorer_table.sh DATA_ROOT CHECKPOINT [OUT_DIR]}
 out=${3:-outputs/scorer_table}
