@@ -17,7 +17,7 @@ from qsfm_cli.app import build_experiment, config_dir
 from qsfm_cli.record import RunRecord
 from qsfm_cli.recover import list_recoveries
 
-from .conftest import qsfm_run
+from .conftest import HANG_GUARD_S, qsfm_run
 
 SMOKE = ("experiment=smoke", "progress=false")
 
@@ -92,7 +92,7 @@ def cli_cases(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             for i, name in enumerate(CASES)}
     argv["unwritable run dir"] = [*SMOKE, f"hydra.run.dir={tmp / 'file' / 'run'}"]
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(argv), str(tmp / "results.json")], cwd=tmp,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp, {name: SimpleNamespace(**r) for name, r in json.loads((tmp / "results.json").read_text()).items()}
 

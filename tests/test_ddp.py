@@ -24,7 +24,7 @@ from qsfm_cli.loaders import DeviceLoader, TorchvisionLoader, shard_positions
 from qsfm_cli.models import create_model
 from qsfm_cli.train import LOG_FILE, STATE_FILE, Execution, TrainRecipe, train
 
-from .conftest import SignalAt
+from .conftest import HANG_GUARD_S, SignalAt
 from .test_sweep import no_submission, sbatch_of  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _run_ranks(world: int, out: Path, timeout: float = 240) -> None:
+def _run_ranks(world: int, out: Path, timeout: float = HANG_GUARD_S) -> None:
     ctx = mp.start_processes(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + timeout
@@ -251,7 +251,7 @@ def test_torchrun_ranks_share_one_run_dir(tmp_path):
            "finetune.epochs=1", "finetune.batch_size=32", "execution.amp=none", f"cache.dir={tmp_path / 'cache'}",
            f"hydra.run.dir={runs}/" + "${qsfm_now:%H-%M-%S-%f}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = runs.iterdir()
     names = {p.name for p in run_dir.iterdir()}

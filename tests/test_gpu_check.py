@@ -2,12 +2,14 @@
 import subprocess
 from pathlib import Path
 
+from .conftest import HANG_GUARD_S
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_check_dry_run_passes_every_step():
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "| ok |" in line]
     assert len(rows) == 5, proc.stdout

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import HANG_GUARD_S
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 PYTHON = sorted(SCRIPTS.glob("*.py"))
 SHELL = sorted(SCRIPTS.glob("*.sh"))
@@ -35,7 +37,7 @@ def test_shell_script_prints_help(script, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SCRIPTS.parent),
                                                                     os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(["bash", str(script), "--help"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=1800)
+                          text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr
     assert str(script.name) in proc.stdout or "usage" in proc.stdout.lower()
     assert list(tmp_path.iterdir()) == []
