@@ -8,7 +8,7 @@ chosen by), and the wall time of each stage (seconds; the machine's load is not 
 """
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 from qsfm_cli.record import RunRecord
@@ -42,4 +42,9 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, metavar="OUT_DIR", help="the OUT_DIR of scripts/headline_table.sh")
+    out = parser.parse_args().out
+    if not out.is_dir():
+        parser.error(f"OUT_DIR={out}; accepted: an existing directory")
+    main(out)

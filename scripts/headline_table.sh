@@ -5,6 +5,9 @@
 #   bash scripts/headline_table.sh DATA_ROOT CHECKPOINT_DIR OUT_DIR [extra overrides...]
 # CHECKPOINT_DIR holds resnet56-4bfd9763.th and resnet20-12fca82f.th.
 set -euo pipefail
+case ${1:-} in  # --help: the comment above
+  -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
+esac
 usage="usage: headline_table.sh DATA_ROOT CHECKPOINT_DIR OUT_DIR [overrides...]"
 [ $# -ge 3 ] || { echo "$usage" >&2; exit 2; }
 data=$1; ckpts=$2; out=$3; shift 3
