@@ -7,7 +7,7 @@ On ONNX Runtime, 1 intra-op thread (``--threads``), CPU:
 1. the time to build ResNet-56's latency table at batch 64 and 1;
 2. the whole-network prediction error on random plans (random kept widths per set), for both predictors,
    against base and pruned timed in alternation (``latency.measure_pair``; untrusted pairs are marked and
-   left out of the summary);
+   left out of the summary), for plans on the table's grid widths and for plans of any widths;
 3. ResNet-56 (the shared checkpoint, CIFAR-10, all test images): ``prune.target_speedup`` 1.5/2/2.5 at batch
    64 and 1.5/2 at batch 1 (sensitivity allocation), beside the MACs-targeted sensitivity plan removing
    1 - 1/target of the MACs, same scorer and recovery; MACs and params reductions, predicted and measured
@@ -18,7 +18,7 @@ On ONNX Runtime, 1 intra-op thread (``--threads``), CPU:
    training images: top-1 beside fp32, speed-up over the unpruned fp32 model;
 6. on a CUDA GPU, when there is one: the 2x target in eager PyTorch at batch 256 (else "pending").
 
-``--quick`` runs a functional check in minutes (2 random plans, the 2x target at batch 64 only, fewer
+``--quick`` runs a functional check in minutes (1 random plan of each kind, the 2x target at batch 64 only, fewer
 repeats): its figures are not results. Timings are only results on a quiet machine: the document says
 the load average it ran under.
 """
@@ -62,15 +62,20 @@ def table_build(model, threads: int, batches: list[int], repeats: int) -> tuple[
 
 
 def random_plans(model, table, plans: int, threads: int, repeats: int, seed: int = 0) -> list[str]:
+    """``plans`` random plans whose widths are on the table's grid (what the planner chooses from), then
+    ``plans`` with any widths (ragged ones included, which the table only interpolates)."""
     sets = channel_sets(model, X)
     rng = random.Random(seed)
-    rows = ["| plan | kept channels (of " + str(sum(s.size for s in sets)) + ") | predicted (product) | "
-            "predicted (additive) | measured | error product | error additive |", "|---|---|---|---|---|---|---|"]
-    errors = {p: [] for p in lt.PREDICTORS}
-    for i in range(plans):
+    rows = ["| plan | widths | kept channels (of " + str(sum(s.size for s in sets)) + ") | predicted (product) | "
+            "predicted (additive) | measured | error product | error additive |", "|---|---|---|---|---|---|---|---|"]
+    errors = {(kind, p): [] for kind in ("grid", "any") for p in lt.PREDICTORS}
+    for i in range(2 * plans):
+        kind = "grid" if i < plans else "any"
         fraction = rng.uniform(0.2, 0.9)
         kept = {s.name: max(1, min(s.size, round(s.size * rng.uniform(fraction - 0.2, fraction + 0.2))))
                 for s in sets}
+        if kind == "grid":
+            kept = {s.name: min(lt.grid_widths(s.size), key=lambda w: abs(w - k)) for s, k in zip(sets, kept.values())}
         pruned = apply_keep(model, {n: list(range(k)) for n, k in kept.items()}, X)
         [pair] = measure_pair(model, pruned, [table["batch"]], runtime="onnxruntime", threads=threads,
                               repeats=repeats)
@@ -78,13 +83,15 @@ def random_plans(model, table, plans: int, threads: int, repeats: int, seed: int
         error = {p: predicted[p] / pair.speedup - 1 for p in lt.PREDICTORS}
         if pair.trusted:
             for p in lt.PREDICTORS:
-                errors[p].append(abs(error[p]))
-        rows.append(f"| {i + 1} | {sum(kept.values())} | {predicted['product']:.2f} | {predicted['additive']:.2f} | "
-                    f"{pair.speedup_text()} | {100 * error['product']:+.1f}% | {100 * error['additive']:+.1f}% |")
-    for p in lt.PREDICTORS:
-        if errors[p]:
-            rows.append(f"\n{p}: mean |error| {100 * sum(errors[p]) / len(errors[p]):.1f}%, max "
-                        f"{100 * max(errors[p]):.1f}% over {len(errors[p])} trusted plan(s)")
+                errors[kind, p].append(abs(error[p]))
+        rows.append(f"| {i + 1} | {kind} | {sum(kept.values())} | {predicted['product']:.2f} | "
+                    f"{predicted['additive']:.2f} | {pair.speedup_text()} | {100 * error['product']:+.1f}% | "
+                    f"{100 * error['additive']:+.1f}% |")
+    rows.append("")
+    for (kind, p), found in errors.items():
+        if found:
+            rows.append(f"- {kind} widths, {p}: mean |error| {100 * sum(found) / len(found):.1f}%, max "
+                        f"{100 * max(found):.1f}% over {len(found)} trusted plan(s)")
     return rows
 
 
@@ -193,7 +200,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="where the runs go (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=None, help="timings per measurement (default 10, quick 5)")
-    parser.add_argument("--plans", type=int, default=None, help="random plans (default 20, quick 2)")
+    parser.add_argument("--plans", type=int, default=None, help="random plans of each kind (default 10, quick 1)")
     parser.add_argument("--scorer", default="l1")
     parser.add_argument("--recover", default="lstsq", help="recovery of both planners (blockwise: slower)")
     args = parser.parse_args()
@@ -207,7 +214,7 @@ def main() -> None:
     resnet56 = create_model("resnet56").eval()
     rows, tables = table_build(resnet56, args.threads, [64] if args.quick else [64, 1], args.repeats)
     print("## Latency table build\n\n" + "\n".join(rows) + "\n")
-    rows = random_plans(resnet56, tables[64], args.plans or (2 if args.quick else 20), args.threads, args.repeats)
+    rows = random_plans(resnet56, tables[64], args.plans or (1 if args.quick else 10), args.threads, args.repeats)
     print("## Prediction error on random plans (batch 64)\n\n" + "\n".join(rows) + "\n")
     cases = [(64, 2.0)] if args.quick else [(64, 1.5), (64, 2.0), (64, 2.5), (1, 1.5), (1, 2.0)]
     rows, ctx = resnet56_targets(args, cases, out)
