@@ -126,7 +126,8 @@ def test_vgg_last_conv_folds_into_the_classifier():
     bias = model.classifier.linear1.bias.clone()
     status = compensate(model, [last], stats, {last.name: Order(list(range(last.size)))},
                         {last.name: list(range(256))}, "lstsq")
-    assert status == {last.name: SetStatus(True, "compensated")} and not torch.equal(bias, model.classifier.linear1.bias)
+    assert status == {last.name: SetStatus(True, "compensated")}
+    assert not torch.equal(bias, model.classifier.linear1.bias)
 
 
 def test_bn_recalibration_estimates_the_batch_statistics():

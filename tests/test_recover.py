@@ -234,3 +234,11 @@ def test_distillation_is_named_in_the_label_and_checked():
                                    ("distill_lr", 0.0, "recover.distill_lr=0.0; accepted: > 0")]:
         with pytest.raises(ValueError, match=rf"^{message}$".replace("(", r"\(").replace(")", r"\)")):
             get_recovery("blockwise", **{option: value})
+
+
+@pytest.mark.parametrize("status, text", [
+    (SetStatus(True, "refit; block layer1.0 tuned"), "refit; block layer1.0 tuned"),
+    (SetStatus.skipped("no consumer"), "skipped: no consumer"),
+])
+def test_a_set_status_reads_back_from_the_text_the_record_holds(status, text):
+    assert str(status) == text and SetStatus.parse(text) == status

@@ -110,5 +110,5 @@ class _SetAccumulator:
 
 import_modules(__name__, __path__)
 
-__all__ = ["STATISTICS", "MeanStatistic", "StatRequest", "Statistic", "collect_stats", "get_statistic", "list_statistics",
-           "register_statistic"]
+__all__ = ["STATISTICS", "MeanStatistic", "StatRequest", "Statistic", "collect_stats", "get_statistic",
+           "list_statistics", "register_statistic"]
