@@ -172,12 +172,16 @@ def run(cfg: DictConfig) -> RunRecord:
     distributed.init()          # a submitit task of a multi-GPU SLURM job starts here, not in main()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     outputs.refuse_finished(run_dir)
+    record = RunRecord(None, config=container(cfg))
+    is_main = distributed.current().is_main
+    if is_main:       # running from the first moment: loading the data may be what fails or hangs
+        outputs.write_record(run_dir, record)
     try:
         exp = build_experiment(cfg, run_dir)
     except BaseException as err:
-        if distributed.current().is_main:
-            outputs.write_record(run_dir, RunRecord(None, status=FAILED, error=error_text(err),
-                                                    config=container(cfg)))
+        if is_main:
+            record.status, record.error = FAILED, error_text(err)
+            outputs.write_record(run_dir, record)
         raise
     return run_experiment(exp)
 

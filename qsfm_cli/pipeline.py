@@ -524,31 +524,43 @@ def run_experiment(exp: Experiment) -> RunRecord:
     With ``exp.logger`` (rank 0 only), the run is tracked: the config as parameters at the start, every
     fine-tuning epoch, the final record's numbers, the saved model files as artifacts, and the status it
     ended with, failed or interrupted included."""
-    outputs.refuse_finished(Path(exp.run_dir))
-    if exp.resume and exp.finetune.epochs > 0:
-        check_resumable(Path(exp.run_dir), exp.finetune, exp.seed)
+    run_dir = Path(exp.run_dir)
+    outputs.refuse_finished(run_dir)
+    record = RunRecord(exp.settings(), reference=exp.reference, config=exp.config)
+    _write_record(run_dir, record)
     logger = exp.logger if distributed.current().is_main else None
+    with _failure_recorded(run_dir, record):
+        if exp.resume and exp.finetune.epochs > 0:
+            check_resumable(run_dir, exp.finetune, exp.seed)
+        if logger is not None:
+            logger.start(exp.run_name or run_dir.name, exp.config or exp.settings().to_dict())
     if logger is None:
-        return _run_and_record(exp, None)
-    logger.start(exp.run_name or Path(exp.run_dir).name, exp.config or exp.settings().to_dict())
+        return _run_and_record(exp, record, None)
     with logger:          # closes the run with the status the block ends with
-        return _run_and_record(exp, logger)
+        return _run_and_record(exp, record, logger)
 
 
-def _run_and_record(exp: Experiment, logger: "Logger | None") -> RunRecord:
+@contextlib.contextmanager
+def _failure_recorded(run_dir: Path, record: RunRecord, ctx: "RunContext | None" = None) -> Iterator[None]:
+    """Whatever the block raises is recorded as the run's failure (with the stage timings so far), then
+    re-raised."""
+    try:
+        yield
+    except BaseException as err:
+        record.status, record.error = FAILED, error_text(err)
+        if ctx is not None:
+            record.timings_s, record.cache = _rounded(ctx.timings), ctx.cache_status
+        _write_record(run_dir, record)
+        raise
+
+
+def _run_and_record(exp: Experiment, record: RunRecord, logger: "Logger | None") -> RunRecord:
     started = time.perf_counter()
     run_dir = Path(exp.run_dir)
     torch.manual_seed(exp.seed)
     ctx = RunContext(Cache(exp.cache_dir or run_dir / "cache", enabled=exp.cache_dir is not None))
-    record = RunRecord(exp.settings(), reference=exp.reference, config=exp.config)
-    _write_record(run_dir, record)
-    try:
+    with _failure_recorded(run_dir, record, ctx):
         record.results, pruned = run_stages(exp, ctx)
-    except BaseException as err:
-        record.status, record.error = FAILED, error_text(err)
-        record.timings_s, record.cache = _rounded(ctx.timings), ctx.cache_status
-        _write_record(run_dir, record)
-        raise
     record.status = OK
     record.timings_s = _rounded({**ctx.timings, "total": time.perf_counter() - started})
     record.cache = ctx.cache_status

@@ -22,6 +22,7 @@ import io
 import logging
 import math
 import os
+import pickle
 import signal
 import threading
 import time
@@ -485,7 +486,7 @@ class _Trainer:
         if path is None or not path.is_file():
             log.info("resume: no checkpoint %s, starting from scratch", path)
             return 0, 0, None
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_state(path)
         self._check_compatible(state, path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -522,7 +523,23 @@ def check_resumable(run_dir: Path, recipe: TrainRecipe, seed: int) -> None:
     with another recipe or seed (whether it continues the same pruned model is known only once it exists)."""
     path = Path(run_dir) / STATE_FILE
     if path.is_file():
-        _check_recipe(torch.load(path, map_location="cpu", weights_only=True), path, recipe, seed)
+        _check_recipe(read_state(path), path, recipe, seed)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A fine-tuning state saved by ``train``; one ``ValueError`` line naming the file and what to do when
+    it cannot be read (torch's own text would advise unpickling code)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        why = "it pickles objects other than tensors" if isinstance(err, pickle.UnpicklingError) \
+            else "truncated or corrupt"
+        raise ValueError(f"cannot resume from {path}: not a fine-tuning state of qsfm-run ({why}); delete it, "
+                         f"or set resume=false to start over") from None
+    if not isinstance(state, dict) or not {"recipe", "seed"} <= state.keys():
+        raise ValueError(f"cannot resume from {path}: not a fine-tuning state of qsfm-run (no recipe and seed); "
+                         f"delete it, or set resume=false to start over")
+    return state
 
 
 def _check_recipe(state: Mapping[str, Any], path: Path, recipe: TrainRecipe, seed: int) -> None:

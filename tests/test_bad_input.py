@@ -259,3 +259,46 @@ def test_report_into_an_unwritable_folder_is_one_line(finished: Path, tmp_path: 
     (tmp_path / "file").write_text("")
     code, line = report_exit([str(finished), "--out", str(tmp_path / "file" / "out")], capsys)
     assert code == 2 and line.startswith(f"qsfm-report: error: cannot write {tmp_path / 'file'}")
+
+
+def qsfm_run_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, list[str]]:
+    """``qsfm-run ARGS`` in this process (no interpreter start-up): its exit code and stderr lines."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from qsfm_cli import app
+
+    monkeypatch.setattr(sys, "argv", ["qsfm-run", *args])
+    try:
+        with pytest.raises(SystemExit) as stop:
+            app.main()
+    finally:
+        GlobalHydra.instance().clear()
+    return stop.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+@pytest.mark.parametrize("state", ["truncated", "pickles code", "not a state"])
+def test_resume_over_an_unreadable_state_is_one_line_and_a_failed_record(state: str, tmp_path: Path, monkeypatch,
+                                                                         capsys) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / "train_state.pt"
+    if state == "truncated":
+        torch.save({"recipe": {}, "seed": 0, "model": torch.zeros(1000)}, path)
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        torch.save(Payload() if state == "pickles code" else [1, 2], path)
+    code, err = qsfm_run_in_process([*SMOKE, f"hydra.run.dir={run}", f"cache.dir={tmp_path / 'cache'}",
+                                     "resume=true", "finetune=short"], monkeypatch, capsys)
+    why = {"truncated": "truncated or corrupt", "pickles code": "it pickles objects other than tensors",
+           "not a state": "no recipe and seed"}[state]
+    line = f"cannot resume from {path}: not a fine-tuning state of qsfm-run ({why}); delete it, or set resume=false " \
+           f"to start over"
+    assert (code, err) == (2, [f"qsfm-run: error: {line}"])
+    record = json.loads((run / "metrics.json").read_text())
+    assert (record["status"], record["error"]) == ("failed", f"ValueError: {line}")
+    assert not (tmp_path / "cache").exists()

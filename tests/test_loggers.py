@@ -2,6 +2,10 @@
 record, artifacts, the run's status, and a sweep of two jobs as one experiment with two runs."""
 import csv
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -184,3 +188,58 @@ def test_config_group_builds_each_logger(option, tmp_path):
     assert set(many) == {"csv", "tensorboard", "mlflow"} and list(one) == [option]
     logger = instantiate(one[option], save_dir=str(tmp_path))
     assert logger.name == option and logger.save_dir.resolve() == tmp_path.resolve()
+
+
+# --- a logger that cannot start: one line, exit code 2, the run recorded as failed ---------------------------
+
+def qsfm_run_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, list[str]]:
+    """``qsfm-run ARGS`` in this process: its exit code and its stderr lines."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from qsfm_cli import app
+
+    monkeypatch.setattr("sys.argv", ["qsfm-run", *args])
+    try:
+        with pytest.raises(SystemExit) as stop:
+            app.main()
+    finally:
+        GlobalHydra.instance().clear()
+    return stop.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def failed_record(run: Path) -> str:
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["status"] == "failed", record
+    return record["error"]
+
+
+@pytest.mark.parametrize("option", ["tensorboard", "mlflow"])
+def test_a_logger_on_a_file_path_is_one_line_and_a_failed_record(option, tmp_path, monkeypatch, capsys):
+    pytest.importorskip(option)
+    (tmp_path / "file").write_text("")
+    run = tmp_path / "run"
+    code, err = qsfm_run_in_process(["experiment=smoke", f"hydra.run.dir={run}", f"cache.dir={tmp_path / 'cache'}",
+                                     f"logger={option}", f"logger.{option}.save_dir={tmp_path / 'file'}"],
+                                    monkeypatch, capsys)
+    line = f"logger.{option}.save_dir={tmp_path / 'file'}: cannot write {tmp_path / 'file'}"
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"qsfm-run: error: {line}"), err
+    assert err[0].endswith("; accepted: a writable directory")
+    assert failed_record(run).startswith(f"ValueError: {line}")
+    assert not (tmp_path / "cache").exists()          # refused before the baseline
+
+
+def test_an_unreachable_tracker_fails_in_one_line_and_is_recorded(tmp_path):
+    pytest.importorskip("mlflow")
+    with socket.socket() as s:       # a local port that nobody listens on once closed
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    run = tmp_path / "run"
+    # MLflow's own defaults retried for five minutes; the timeout is a hang guard, not a speed claim.
+    proc = subprocess.run([sys.executable, "-m", "qsfm_cli.app", "experiment=smoke", f"hydra.run.dir={run}",
+                           f"cache.dir={tmp_path / 'cache'}", "logger=mlflow", f"logger.mlflow.tracking_uri={uri}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP")})
+    line = f"logger.mlflow.tracking_uri={uri}: the tracking server does not answer (connection refused)"
+    assert proc.stderr.strip().splitlines() == [f"qsfm-run: error: {line}; start it, or run without logger=mlflow"]
+    assert proc.returncode == 2
+    assert failed_record(run).startswith(f"ValueError: {line}")

@@ -43,7 +43,12 @@ class Logger(ABC):
             raise ValueError(f"logger run name must be a non-empty string; got {run_name!r}")
         if self.run_name is not None:
             raise RuntimeError(f"{self.name} logger already started run {self.run_name!r}; build one per run")
-        self._start(run_name, flatten_params(params))
+        try:
+            self._start(run_name, flatten_params(params))
+        except OSError as err:       # save_dir is a file, or a place this user cannot write
+            where = getattr(self, "save_dir", None)
+            raise ValueError(f"logger.{self.name}.save_dir={where}: cannot write {err.filename or where} "
+                             f"({err.strerror or err}); accepted: a writable directory") from None
         self.run_name = run_name
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:

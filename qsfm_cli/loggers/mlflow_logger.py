@@ -1,6 +1,8 @@
 """``mlflow``: one MLflow run per job in one experiment, on a local store or any tracking server."""
 from __future__ import annotations
 
+import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -11,6 +13,10 @@ from filelock import FileLock
 from .base import Logger, register_logger
 
 MLFLOW_STATUS = {"ok": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+# How long a tracking server that nobody answers holds the run (MLflow's own defaults retry for minutes):
+# two retries, 1 s and 2 s apart, each request waiting at most 10 s. A variable the user set is left as it is.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 BATCH = 100          # MLflow's limit on parameters per log_batch call
 
 
@@ -60,6 +66,27 @@ class MLflowLogger(Logger):
                              "another experiment_name")
         return found.experiment_id
 
+    def _server_experiment_id(self) -> str:
+        """``_experiment_id`` from a tracking server; one line within seconds (``HTTP_DEFAULTS``) when nobody
+        answers."""
+        from mlflow.exceptions import MlflowException
+
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        retries = logging.getLogger("urllib3.connectionpool")   # a console warning per retry, else
+        level = retries.level
+        retries.setLevel(logging.ERROR)
+        try:
+            return self._experiment_id()
+        except MlflowException as err:
+            text = str(err).strip()
+            reason = next((r for r in ("connection refused", "timed out", "name or service not known")
+                           if r in text.lower()), text.splitlines()[0][:200] if text else type(err).__name__)
+            raise ValueError(f"logger.mlflow.tracking_uri={self.tracking_uri}: the tracking server does not "
+                             f"answer ({reason}); start it, or run without logger=mlflow") from None
+        finally:
+            retries.setLevel(level)
+
     def _start(self, run_name: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
@@ -73,7 +100,7 @@ class MLflowLogger(Logger):
                 experiment_id = self._experiment_id()
         else:
             self.client = MlflowClient(tracking_uri=self.tracking_uri)
-            experiment_id = self._experiment_id()
+            experiment_id = self._server_experiment_id()
         self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
         entries = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()]
         for i in range(0, len(entries), BATCH):
