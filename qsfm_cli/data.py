@@ -357,6 +357,14 @@ def _digits(seed: int) -> tuple[ImageSet, ImageSet]:
 def _fake(num_classes: int, size: int, train_size: int, test_size: int,
           seed: int) -> tuple[ImageSet, ImageSet]:
     """Synthetic, learnable images: a fixed random pattern per class plus noise."""
+    from .limits import available_memory, check_batches
+
+    if size < 1 or min(train_size, test_size) < 1:
+        raise ValueError(f"dataset.size={size}, dataset.train_size={train_size}, dataset.test_size={test_size}; "
+                         f"accepted: each >= 1")
+    # drawn as float32 pattern plus float32 noise before the uint8 copy
+    check_batches({"dataset.train_size": train_size, "dataset.test_size": test_size}, 3 * 9 * size * size,
+                  available_memory())
     g = torch.Generator().manual_seed(seed)
     patterns = torch.rand(num_classes, 3, size, size, generator=g) * 255
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
+import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from . import limits
 from .files import atomic_write, write_json
 from .outputs import PRUNED_FILE, load_pruned
 
@@ -28,6 +31,7 @@ TOLERANCE = 1e-4               # largest |ONNX - PyTorch| logit over the largest
 ONNX_FILE = "pruned_model.onnx"
 INT8_FILE = "pruned_model.int8.onnx"
 QUANTIZATIONS = ("int8",)
+DEFAULT_IMAGES = 16             # random images of qsfm-export's check
 
 
 @dataclass(frozen=True)
@@ -195,25 +199,64 @@ def _run_image_size(run_dir: Path) -> int | None:
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None, *, image_size: int | None = None,
-               num_images: int = 16, seed: int = 0) -> dict[str, Any]:
+               num_images: int = DEFAULT_IMAGES, seed: int = 0) -> dict[str, Any]:
     """Export a finished run's pruned model and check it on ``num_images`` random images of the run's
-    size (``image_size``, else its dataset's size, else 32); the check is also written beside the file."""
+    size (``image_size``, else its dataset's size, else 32); the check is also written beside the file.
+    Every argument (the run, the model file, the sizes, where the file goes) is checked before the export."""
     run_dir = Path(run_dir)
     weights = run_dir / PRUNED_FILE
+    if not run_dir.is_dir():
+        raise ValueError(f"run directory {str(run_dir)!r} not found")
     if not weights.is_file():
         raise ValueError(f"{str(run_dir)!r} holds no {PRUNED_FILE} (was the run made with save_model=false?)")
     if num_images < 1:
-        raise ValueError(f"--images must be >= 1; got {num_images}")
+        raise ValueError(f"--images={num_images}; accepted: 1 or more")
     size = image_size if image_size is not None else (_run_image_size(run_dir) or 32)
     if size < 1:
-        raise ValueError(f"--size must be >= 1; got {size}")
+        raise ValueError(f"--size={size}; accepted: 1 or more")
     out = Path(out) if out is not None else run_dir / ONNX_FILE
+    _check_writable(out)
+    _check_writable(check_path(out))
     model = load_pruned(weights)
+    _check_memory(model, size, num_images)
     images = torch.randn(num_images, 3, size, size, generator=torch.Generator().manual_seed(seed))
     export_onnx(model, out, images[:1])
     check = check_onnx(model, out, images)
     write_json(check_path(out), check)
     return check
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse, before any work, a file that cannot be written at ``path`` (naming it, not a temp file)."""
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a directory")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path}: {parent} is not writable")
+
+
+def _check_memory(model: nn.Module, size: int, num_images: int) -> None:
+    """Refuse a check whose images would take more than ``limits.MEMORY_SHARE`` of the available memory:
+    one image's share is measured at 32 x 32 and grows with the image's area. The option blamed is
+    ``--images`` when it asks for more than its default, else ``--size``."""
+    base = 32
+    per_image = limits.bytes_per_image(model, torch.zeros(1, 3, base, base)) * (size / base) ** 2
+    available = limits.available_memory()
+    budget = limits.MEMORY_SHARE * available
+    if num_images * per_image <= budget:
+        return
+    if num_images > DEFAULT_IMAGES:
+        key, value, accepted = "--images", num_images, f"{int(budget // per_image)} here at --size={size}"
+    else:
+        largest = int(size * math.sqrt(budget / (num_images * per_image)))
+        key, value, accepted = "--size", size, f"{largest} here with --images={num_images}"
+    raise ValueError(f"{key}={value}; accepted: at most {accepted} (about {num_images * per_image / 2 ** 30:.3g} "
+                     f"GiB for the check's images in this model; {limits.MEMORY_SHARE:.0%} of the "
+                     f"{available / 2 ** 30:.1f} GiB of memory available)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -223,12 +266,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", metavar="FILE", help=f"the ONNX file (default: RUN_DIR/{ONNX_FILE})")
     parser.add_argument("--size", type=int, help="input height = width (default: the run's dataset size, "
                                                  "else 32)")
-    parser.add_argument("--images", type=int, default=16, help="random images of the check (default 16)")
+    parser.add_argument("--images", type=int, default=DEFAULT_IMAGES,
+                        help=f"random images of the check (default {DEFAULT_IMAGES})")
     args = parser.parse_args(argv)
     try:
         check = export_run(args.run_dir, args.out, image_size=args.size, num_images=args.images)
     except ValueError as err:
-        parser.error(str(err))
+        print(f"qsfm-export: error: {err}", file=sys.stderr)
+        sys.exit(2)
     verdict = "ok" if check["ok"] else f"FAILED (tolerance {check['tolerance']:g})"
     print(f"{check['onnx_file']}: ONNX Runtime vs PyTorch on {check['images']} images: max |diff| "
           f"{check['max_abs_diff']:.3g}, relative {check['rel_error']:.3g}, top-1 agreement "

@@ -3,6 +3,7 @@ atomically (``qsfm_cli.files``)."""
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,15 @@ def save_pruned(path: Path, model: nn.Module) -> None:
 
 def load_pruned(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model saved by ``save_pruned`` without the config that produced it."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:     # torch's own text would advise unpickling code
+        why = "it pickles objects other than tensors; refused, nothing run" \
+            if isinstance(err, pickle.UnpicklingError) else "truncated or corrupt"
+        raise ValueError(f"cannot read {path}: not a pruned model saved by qsfm-run ({why})") from None
+    if not isinstance(payload, dict) or not {"architecture", "state_dict"} <= payload.keys():
+        raise ValueError(f"cannot read {path}: not a pruned model saved by qsfm-run (no architecture and "
+                         f"state_dict)")
     model = build_model(payload["architecture"], payload["state_dict"])
     model.load_state_dict(payload["state_dict"])
     return model.eval()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 import torch
 from torch import nn
 
-from . import checkpoints, distributed, outputs
+from . import checkpoints, distributed, limits, outputs
 from .baseline import trained_baseline
 from .cache import Cache, fingerprint, model_fingerprint
 from .collect import collect_stats
@@ -457,6 +457,43 @@ def evaluate_stage(base: nn.Module, pruned: nn.Module, exp: Experiment, cache: C
                          known_accuracy=known)
 
 
+def check_image_counts(exp: Experiment) -> None:
+    """Every option that counts images of a split asks for no more than the split holds: a run never records
+    a number of images it did not use (``check_splits`` then keeps the held-out slices apart)."""
+    n_train, n_test, name = len(exp.train_set), len(exp.test_set), exp.train_set.name
+    counts = {"collect.num_images": exp.collect.num_images, "recover.bn_images": exp.recovery.bn_images,
+              "recover.images": exp.recovery.method.calibration_images}
+    for key, n in counts.items():
+        if n > n_train:
+            raise ValueError(f"{key}={n}; accepted: 1 to {n_train} (the training split of dataset={name} holds "
+                             f"{n_train} images)")
+    if exp.export.onnx and exp.export.check_images > n_test:
+        raise ValueError(f"export.check_images={exp.export.check_images}; accepted: 1 to {n_test} (the test split "
+                         f"of dataset={name} holds {n_test} images)")
+
+
+def check_sizes(exp: Experiment, model: nn.Module, example: torch.Tensor) -> None:
+    """The image counts (``check_image_counts``), then every batch and every set of images held in memory
+    against the memory available (``limits``), before any weights are loaded."""
+    check_image_counts(exp)
+    available = limits.available_memory(exp.device)
+    inference = limits.bytes_per_image(model, example)
+    batches = {"eval.batch_size": exp.eval.batch_size, "eval.latency_batches": list(exp.eval.latency_batches),
+               "collect.batch_size": exp.collect.batch_size}
+    if exp.recovery.bn_images:
+        batches["recover.bn_batch_size"] = exp.recovery.bn_batch_size
+    if exp.recovery.method.calibration_images:   # held in memory as feature maps, block by block
+        batches["recover.images"] = exp.recovery.method.calibration_images
+        batches["recover.batch_size"] = getattr(exp.recovery.method, "batch_size", 1)
+    limits.check_batches(batches, inference, available)
+    training = {"finetune.batch_size": exp.finetune.batch_size} if exp.finetune.epochs > 0 else {}
+    if exp.baseline_recipe is not None and not (exp.checkpoint or exp.pretrained):
+        training["baseline.recipe.batch_size"] = exp.baseline_recipe.batch_size
+    if training:
+        limits.check_batches(training, limits.bytes_per_image(model, example, training=True), available)
+    limits.check_batches({"collect.num_images": exp.collect.num_images}, example[:1].numel(), available)
+
+
 def run_stages(exp: Experiment, ctx: RunContext) -> tuple[Results, nn.Module]:
     """Every stage from the baseline to the evaluation; returns the results and the pruned model."""
     example = torch.zeros(1, *input_shape(exp.test_set))
@@ -464,6 +501,7 @@ def run_stages(exp: Experiment, ctx: RunContext) -> tuple[Results, nn.Module]:
     bare = create_model(exp.model_name, num_classes=exp.train_set.num_classes, **exp.model_kwargs).eval()
     bare_sets = channel_sets(bare, example, scope=exp.plan.scope)
     exp.plan.validate(bare_sets, bare, scorer=exp.scorer, threshold_scorers=threshold_scorers())
+    check_sizes(exp, bare, example)
     check_splits(exp)
     with ctx.stage("plan"):
         prepared = exp.plan.strategy.prepare(exp.plan, bare, example, bare_sets, ctx.cached, device=exp.device,

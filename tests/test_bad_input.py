@@ -59,6 +59,23 @@ CASES = {
     "model.std=[0,1,1]": ("model.std=[0.0, 1.0, 1.0]; accepted: three values > 0, or null (the weights' card, else "
                           "the dataset's own)", 2),
     "scorer=ssim": ("In 'config': Could not find 'scorer/ssim'; available options in 'scorer': chip, ...", 2),
+    # every option that sizes an allocation, bounded by the memory available (qsfm_cli.limits)
+    "eval.latency_batches=[1,100000000]": ("eval.latency_batches=[1, 100000000]; accepted: at most ...", 2),
+    "eval.batch_size=100000000": ("eval.batch_size=100000000; accepted: at most ...", 2),
+    "collect.batch_size=100000000": ("collect.batch_size=100000000; accepted: at most ...", 2),
+    "baseline.recipe.batch_size=100000000": ("baseline.recipe.batch_size=100000000; accepted: at most ...", 2),
+    "recover.bn_images=8 recover.bn_batch_size=100000000": ("recover.bn_batch_size=100000000; accepted: at most ...",
+                                                          2),
+    "dataset.train_size=1000000000": ("dataset.train_size=1000000000; accepted: at most ...", 2),
+    # every option that counts images: no more than the split holds
+    "collect.num_images=100000": ("collect.num_images=100000; accepted: 1 to 512 (the training split of dataset=fake "
+                                  "holds 512 images)", 2),
+    "recover.bn_images=100000": ("recover.bn_images=100000; accepted: 1 to 512 (the training split of dataset=fake "
+                                 "holds 512 images)", 2),
+    "recover=sequential recover.images=100000": ("recover.images=100000; accepted: 1 to 512 (the training split of "
+                                                 "dataset=fake holds 512 images)", 2),
+    "export.onnx=true export.check_images=1000": ("export.check_images=1000; accepted: 1 to 256 (the test split of "
+                                                  "dataset=fake holds 256 images)", 2),
 }
 
 
@@ -88,7 +105,7 @@ with open(out, "w") as f:
 def cli_cases(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     tmp = tmp_path_factory.mktemp("cases")
     (tmp / "file").write_text("")
-    argv = {name: [*SMOKE, f"hydra.run.dir={tmp / 'runs' / str(i)}", f"cache.dir={tmp / 'cache'}", name]
+    argv = {name: [*SMOKE, f"hydra.run.dir={tmp / 'runs' / str(i)}", f"cache.dir={tmp / 'cache'}", *name.split(" ")]
             for i, name in enumerate(CASES)}
     argv["unwritable run dir"] = [*SMOKE, f"hydra.run.dir={tmp / 'file' / 'run'}"]
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(argv), str(tmp / "results.json")], cwd=tmp,

@@ -88,11 +88,21 @@ def test_export_command_writes_the_file_and_its_check(tmp_path, capsys):
     assert check_path(run_dir / ONNX_FILE) == run_dir / "pruned_model.check.json"   # the default place
 
 
-def test_export_command_rejects_a_run_without_a_model(tmp_path, capsys):
+class Payload:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def export_error(args: list[str], capsys) -> str:
+    """``qsfm-export ARGS`` that must fail: its one stderr line (exit code 2, nothing written)."""
     with pytest.raises(SystemExit) as exit_info:
-        main([str(tmp_path)])
-    assert exit_info.value.code == 2
-    assert f"holds no {PRUNED_FILE}" in capsys.readouterr().err
+        main(args)
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert "code ran" not in captured.out
+    assert err[0].startswith("qsfm-export: error: ")
+    return err[0].removeprefix("qsfm-export: error: ")
 
 
 def test_int8_quantization_is_close_to_fp32_and_smaller(tmp_path):
@@ -130,3 +140,44 @@ def test_run_with_quantize_int8_records_int8_beside_fp32(tmp_path):
     assert (tmp_path / "run" / "pruned_model.int8.onnx").is_file()
     with pytest.raises(ValueError, match="export.quantize=int4; accepted: int8"):
         experiment(tmp_path, "export.quantize=int4")
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    run = tmp_path / "run"
+    save_pruned(run / PRUNED_FILE, pruned("resnet8"))
+    return run
+
+
+@pytest.mark.parametrize("content", ["truncated", "pickles code", "not a model"])
+def test_export_refuses_an_unreadable_model_file_in_one_line(content, run_dir, capsys):
+    weights = run_dir / PRUNED_FILE
+    if content == "truncated":
+        weights.write_bytes(weights.read_bytes()[:500])
+    else:
+        torch.save(Payload() if content == "pickles code" else {"weights": torch.zeros(2)}, weights)
+    why = {"truncated": "truncated or corrupt", "pickles code": "it pickles objects other than tensors; refused, "
+           "nothing run", "not a model": "no architecture and state_dict"}[content]
+    assert export_error([str(run_dir)], capsys) == f"cannot read {weights}: not a pruned model saved by qsfm-run " \
+                                                   f"({why})"
+    assert not (run_dir / ONNX_FILE).exists()
+
+
+def test_export_refuses_a_size_beyond_memory_before_any_work(run_dir, capsys):
+    line = export_error([str(run_dir), "--size", "100000"], capsys)
+    assert line.startswith("--size=100000; accepted: at most ") and "with --images=16" in line, line
+    assert not (run_dir / ONNX_FILE).exists()
+
+
+def test_export_refuses_an_unwritable_out_before_any_work(run_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "model.onnx"
+    assert export_error([str(run_dir), "--out", str(out)], capsys) == \
+        f"cannot write {out}: {tmp_path / 'file'} is not a directory"
+    assert export_error([str(run_dir), "--out", str(tmp_path)], capsys) == f"cannot write {tmp_path}: it is a directory"
+
+
+def test_export_names_a_missing_run_directory(tmp_path, capsys):
+    assert export_error([str(tmp_path / "nope")], capsys) == f"run directory {str(tmp_path / 'nope')!r} not found"
+    assert export_error([str(tmp_path)], capsys) == \
+        f"{str(tmp_path)!r} holds no {PRUNED_FILE} (was the run made with save_model=false?)"
