@@ -175,8 +175,9 @@ def scan_split(folder: Path, classes: Sequence[str] | None = None) -> tuple[tupl
                          f"{_few(missing)}; extra {_few(extra)}")
     files: list[str] = []
     labels: list[int] = []
+    seen: set[str] = set()
     for index, name in enumerate(classes):
-        images = _images_under(folder, name)
+        images = _images_under(folder, name, seen)
         if not images:
             raise ValueError(f"class folder {folder / name} has no images (extensions, any case: "
                              f"{', '.join(EXTENSIONS)})")
@@ -185,13 +186,37 @@ def scan_split(folder: Path, classes: Sequence[str] | None = None) -> tuple[tupl
     return tuple(classes), np.array([os.fsencode(f) for f in files]), torch.tensor(labels, dtype=torch.long)
 
 
-def _images_under(folder: Path, name: str) -> list[str]:
+def _images_under(folder: Path, name: str, seen: set[str]) -> list[str]:
+    """Image files under class folder ``folder/name``, as paths relative to ``folder``. Links to folders
+    outside the split are followed; a link that leads back into it (``a/up -> ..``, or into another
+    class) is refused, as is any folder reached twice: its images would be scanned again, under a wrong
+    label, or without end. ``seen``: the real paths of the folders of this split scanned so far."""
+    tree = os.path.realpath(folder)
     found = []
-    for parent, dirs, names in os.walk(folder / name, followlinks=True):
+
+    def unreadable(err: OSError) -> None:
+        raise ValueError(f"cannot read image folder {err.filename}: {err.strerror}")
+
+    for parent, dirs, names in os.walk(folder / name, followlinks=True, onerror=unreadable):
+        real = os.path.realpath(parent)
+        if real in seen:
+            raise ValueError(f"image folder {parent} is reached twice (it is {real}); remove the link that "
+                             f"leads back to it")
+        seen.add(real)
         dirs.sort()
+        for d in dirs:
+            link = os.path.join(parent, d)
+            if os.path.islink(link) and _inside(os.path.realpath(link), tree):
+                raise ValueError(f"image folder {link} is a link back into {folder} (to "
+                                 f"{os.path.realpath(link)}): its images would be scanned twice, under a wrong "
+                                 f"label; remove the link")
         rel = os.path.relpath(parent, folder)
         found += [os.path.join(rel, f) for f in sorted(names) if f.lower().endswith(EXTENSIONS)]
     return found
+
+
+def _inside(path: str, tree: str) -> bool:
+    return os.path.commonpath([path, tree]) == tree
 
 
 def _few(names: list[str]) -> str:

@@ -272,3 +272,32 @@ def test_torchvision_model_end_to_end_on_an_image_folder(folder, tmp_path):
     assert len(history) == 1 and np.isfinite(history[0]["loss"]) and (tmp_path / STATE_FILE).is_file()
     assert out["top1"] == pytest.approx(out["result"].test_top1)   # the trainer's and evaluate's top-1 agree
     assert 0 <= out["top1"] <= out["top5"] <= 100
+
+
+@pytest.mark.parametrize("target", ["..", "../../n03", "."])
+def test_a_link_back_into_the_tree_is_refused_in_one_line(tmp_path: Path, target: str) -> None:
+    root = make_image_folder(tmp_path / "data", per_class=(2, 1))
+    link = root / "train" / "n01" / "nested" / "up"
+    link.symlink_to(target, target_is_directory=True)
+    with pytest.raises(ValueError) as err:
+        load_imagefolder(str(root))
+    message = str(err.value)
+    assert len(message.splitlines()) == 1
+    assert message.startswith(f"image folder {link} is a link back into {root / 'train'} (to ")
+    assert message.endswith("its images would be scanned twice, under a wrong label; remove the link")
+
+
+def test_a_link_to_a_folder_outside_is_followed_once(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "data", per_class=(2, 1))
+    outside = tmp_path / "more"
+    outside.mkdir()
+    Image.new("RGB", (40, 40), COLOURS["n02"]).save(outside / "extra.png")
+    (root / "train" / "n02" / "more").symlink_to(outside, target_is_directory=True)
+    train, _ = load_imagefolder(str(root))
+    files = [f.decode() for f in train.files]
+    assert files.count("n02/more/extra.png") == 1
+    assert train.labels[files.index("n02/more/extra.png")] == train.classes.index("n02")
+    # the same outside folder linked from a second class is reached twice: refused
+    (root / "train" / "n03" / "more").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ValueError, match=r"image folder .*n03/more is reached twice \(it is .*more\); remove the link"):
+        load_imagefolder(str(root))
