@@ -9,8 +9,11 @@ counting the failures and exit code 1.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -194,6 +197,76 @@ def container(cfg: DictConfig) -> dict:
         return OmegaConf.to_container(cfg, resolve=False)
 
 
+class SweepStop:
+    """SIGTERM to a sweep that runs on this machine (Hydra's basic or joblib launcher). The job running in
+    each process is interrupted and recorded as failed (``KeyboardInterrupt: SIGTERM``); every job not yet
+    started is recorded the same way without running; the sweep's process passes the signal on to joblib's
+    loky workers, has loky shut them down once the sweep has ended, and says how many jobs finished."""
+
+    signum: int | None = None
+    runs_jobs = False        # this process runs jobs (a loky worker, or the basic launcher's process)
+    in_job = False
+
+    @classmethod
+    def install(cls) -> None:
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) is not cls._handle:
+            signal.signal(signal.SIGTERM, cls._handle)
+
+    @classmethod
+    def _handle(cls, signum: int, frame: Any) -> None:
+        first = cls.signum is None
+        cls.signum = signum
+        if cls.in_job:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        if cls.runs_jobs:    # between two jobs: the next ones are recorded without running
+            return
+        workers = multiprocessing.active_children()   # in the sweep's process: loky's workers running the jobs
+        if not workers:      # a launcher whose jobs run elsewhere: the signal does what it did before
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        for child in workers if first else []:
+            os.kill(child.pid, signum)
+
+    @staticmethod
+    def applies() -> bool:
+        """On a launcher that runs the jobs on this machine (a cluster's scheduler has its own signals)."""
+        target = str(HydraConfig.get().launcher.get("_target_", ""))
+        return "BasicLauncher" in target or "JoblibLauncher" in target
+
+    @classmethod
+    def end_of_sweep(cls, finished: int, jobs: int, sweep: Path) -> None:
+        """After an interrupted sweep: loky's workers shut down, one line, exit code 128 + the signal."""
+        if multiprocessing.active_children():
+            from joblib.externals.loky import get_reusable_executor
+
+            get_reusable_executor(reuse=True).shutdown(wait=True)   # idle by now: they exit cleanly
+        name = signal.Signals(cls.signum).name
+        print(f"qsfm-run: interrupted by {name}: {finished} of {jobs} jobs finished, {jobs - finished} recorded as "
+              f"failed (qsfm-report {sweep} lists them)", file=sys.stderr)
+        sys.exit(128 + cls.signum)
+
+
+def run_job(cfg: DictConfig) -> RunRecord | None:
+    """``run`` as one job of a sweep on this machine: stoppable by SIGTERM (``SweepStop``); a job that a
+    signal reaches before it starts is recorded as failed without running (returns None)."""
+    SweepStop.install()
+    SweepStop.runs_jobs = SweepStop.in_job = True
+    try:
+        if SweepStop.signum is not None:
+            run_dir = Path(HydraConfig.get().runtime.output_dir)
+            if distributed.current().is_main and outputs.read_status(run_dir) != OK:
+                outputs.write_record(run_dir, RunRecord(None, status=FAILED, config=container(cfg), error=(
+                    f"KeyboardInterrupt: {signal.Signals(SweepStop.signum).name} before the job started")))
+            return None
+        return run(cfg)
+    except KeyboardInterrupt:
+        SweepStop.signum = SweepStop.signum or signal.SIGINT   # training's own handler took the signal
+        raise
+    finally:
+        SweepStop.in_job = False
+
+
 class FailedJobs(Callback):
     """Ends a multirun in which a job failed with one line and exit code 1, once every job has run.
 
@@ -211,6 +284,8 @@ class FailedJobs(Callback):
         jobs = sorted(p.parent.parent for p in sweep.rglob(f"{subdir}/overrides.yaml")
                       if p.stat().st_mtime >= self.started)
         failed = [job for job in jobs if not self._finished(job / outputs.METRICS_FILE)]
+        if SweepStop.signum is not None:
+            SweepStop.end_of_sweep(len(jobs) - len(failed), len(jobs), sweep)
         if failed:
             first = failed[0].relative_to(sweep) / outputs.METRICS_FILE
             print(f"qsfm-run: error: {len(failed)} of {len(jobs)} jobs failed (see {sweep}/{first}; "
@@ -237,7 +312,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     with one line on stderr: exit code 2 for a bad value, 1 for any other error (traceback in the log)."""
     single = HydraConfig.get().mode != RunMode.MULTIRUN
     try:
-        record = run(cfg)
+        record = run(cfg) if single or not SweepStop.applies() else run_job(cfg)
+        if record is None:
+            return
     except (ValueError, FileNotFoundError) as err:
         if single:
             log_to_files(logging.ERROR, str(err))
@@ -246,6 +323,9 @@ def _hydra_main(cfg: DictConfig) -> None:
         log.error("%s", err)
         return
     except KeyboardInterrupt as err:
+        if not single:
+            log.warning("job interrupted: %s", first_line(err))
+            return
         print(f"qsfm-run: interrupted: {err}", file=sys.stderr)
         sys.exit(130)
     except Exception as err:
@@ -291,6 +371,8 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     distributed.init()          # under torchrun: every rank joins before Hydra makes the run directory
     sys.argv += distributed.hydra_overrides()
+    if {"-m", "--multirun"} & set(sys.argv[1:]):
+        SweepStop.install()
     try:
         _hydra_main()
     except Exception as err:

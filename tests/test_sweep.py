@@ -6,7 +6,10 @@ parallel) and every test reads their outputs.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -166,3 +169,61 @@ def test_plugins_own_launcher_configs_compose() -> None:
                          return_hydra_config=True)
     assert (slurm.hydra.launcher.partition, slurm.hydra.launcher.gpus_per_node) == ("a100", 4)
     assert joblib.hydra.launcher.n_jobs == 3
+
+
+def descendants(pid: int) -> set[int]:
+    """Every living process below ``pid`` (from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree from /proc")
+def test_sigterm_stops_a_joblib_sweep_records_every_job_and_leaves_no_process(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    # three jobs on two workers; each job's latency timing would take hours, so the signal finds two running
+    proc = subprocess.Popen([sys.executable, "-m", "qsfm_cli.app", "-m", "hydra/launcher=joblib_local",
+                             "experiment=smoke", "progress=false", "eval.latency_repeats=1000000",
+                             "prune.ratio=0.3,0.5,0.7", f"hydra.sweep.dir={sweep_dir}", f"cache.dir={tmp_path / 'cache'}"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600          # a hang guard, not a speed claim
+        while time.monotonic() < deadline:
+            records = [metrics_of(m.parent) for m in sweep_dir.glob("*/metrics.json")]
+            if sum(r["status"] == "running" and r["settings"] is not None for r in records) == 2:
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(1)
+        time.sleep(3)                              # into the jobs' stages
+        workers = descendants(proc.pid)
+        assert len(workers) >= 2
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.strip().splitlines()[-1] == (f"qsfm-run: interrupted by SIGTERM: 0 of 3 jobs finished, 3 recorded as "
+                                            f"failed (qsfm-report {sweep_dir} lists them)")
+    errors = sorted(metrics_of(m.parent)["error"] for m in sweep_dir.glob("*/metrics.json"))
+    assert errors == ["KeyboardInterrupt: SIGTERM"] * 2 + ["KeyboardInterrupt: SIGTERM before the job started"]
+    deadline = time.monotonic() + 60
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not [p for p in workers if alive(p)]
