@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -344,6 +345,15 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def unquoted_space(word: str, argv: list[str]) -> str:
+    """An override without ``=``: most often the rest of a value that holds a space the shell split off."""
+    before = argv[argv.index(word) - 1] if word in argv[1:] else None
+    if before is not None and "=" in before:
+        return (f"override {word!r} is not key=value: a value holding a space must be quoted, as in "
+                f"'{before} {word}'")
+    return f"override {word!r} is not key=value (key=value, and a value holding a space quoted: 'key=a b')"
+
+
 def config_error(err: BaseException) -> str:
     """Hydra's or OmegaConf's error in one line: ``key: message``, or where a key was renamed, its new
     name."""
@@ -353,6 +363,9 @@ def config_error(err: BaseException) -> str:
         message = str(getattr(cause, "msg", cause)).strip().splitlines()[0]
         return config.moved(key) or f"{key}: {message.replace(' of type ' + repr('str'), '')}"
     text = str(err).split("Config search path")[0]
+    unpaired = re.match(r"Error parsing override '(.*)'\s+missing EQUAL", text)
+    if unpaired:
+        return unquoted_space(unpaired.group(1), sys.argv[1:])
     head, _, options = text.partition("Available options in")
     if options:
         group, *choices = [line.strip() for line in options.splitlines() if line.strip()]

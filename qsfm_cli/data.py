@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import shutil
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -169,6 +170,9 @@ def _cifar(name: str, root: str | None, *, download: bool, verify: bool | str) -
         raise ValueError(f"dataset.verify={verify!r}; accepted: true, false, auto")
     base = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     root = str(Path(root or "data").expanduser())
+    if Path(root).exists() and not Path(root).is_dir():
+        raise ValueError(f"dataset.root={root!r} is a file; accepted: a folder holding {base.base_folder}/, or "
+                         f"one to download it into")
     folder = Path(root) / base.base_folder
     meta = base.meta["filename"]
     tests = [f for f, _ in base.test_list]
@@ -184,9 +188,12 @@ def _cifar(name: str, root: str | None, *, download: bool, verify: bool | str) -
         if damaged and download:
             from torchvision.datasets.utils import download_and_extract_archive
 
+            created = _first_missing(Path(root))
             try:
                 download_and_extract_archive(base.url, root, filename=base.filename, md5=base.tgz_md5)
             except (RuntimeError, OSError) as err:   # no network; a corrupt download
+                if created is not None:              # a failed attempt leaves no folder behind
+                    shutil.rmtree(created, ignore_errors=True)
                 raise _cifar_not_found(name, root, base, f"download failed: {err}") from None
             damaged = _damaged_files(base, folder)
         if damaged:
@@ -198,6 +205,14 @@ def _cifar(name: str, root: str | None, *, download: bool, verify: bool | str) -
     splits = [ImageSet(*_cifar_batches(folder, files, len(classes)), len(classes), mean, std, name)
               for files in (trains, tests)]
     return splits[0], splits[1]
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (``None``: it exists)."""
+    missing = None
+    while not path.exists():
+        missing, path = path, path.parent
+    return missing
 
 
 def _cifar_not_found(name: str, root: str, base: type, why: str) -> FileNotFoundError:

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -75,11 +76,38 @@ def read_record(run_dir: Path) -> RunRecord | str:
     """The run's record, or why it cannot be read (an unreadable file is a bad run, not the end of the
     report)."""
     try:
-        return RunRecord.from_dict(json.loads((run_dir / METRICS_FILE).read_text()))
+        record = RunRecord.from_dict(json.loads((run_dir / METRICS_FILE).read_text(),
+                                                parse_constant=_refuse_constant))
     except OSError as exc:
         return f"unreadable {METRICS_FILE}: {exc}"
     except ValueError as exc:
         return f"bad {METRICS_FILE}: {exc}"
+    bad = implausible(record)
+    return f"bad {METRICS_FILE}: {bad}" if bad else record
+
+
+def _refuse_constant(name: str) -> None:
+    """``json.loads`` takes ``NaN``, ``Infinity`` and ``-Infinity``, which JSON does not allow."""
+    raise ValueError(f"it holds {name}, which is not a JSON number")
+
+
+MAX_COUNT = 1e15      # MACs or parameters beyond any network a run here could have (1e308 is a finite float)
+
+
+def implausible(record: RunRecord) -> str:
+    """The first figure of a finished run's results that no run can have ('' when none): an accuracy
+    outside 0-100, a negative count or one above ``MAX_COUNT``, a latency that is not a finite positive
+    number."""
+    if record.results is None:
+        return ""
+    for name in ("base", "pruned", "final"):
+        metrics = getattr(record.results, name)
+        for key, value, low, high in (("top1", metrics.top1, 0, 100), ("top5", metrics.top5, 0, 100),
+                                      ("macs", metrics.macs, 0, MAX_COUNT), ("params", metrics.params, 0, MAX_COUNT),
+                                      *((f"latency_ms.{b}", ms, 0, MAX_COUNT) for b, ms in metrics.latency_ms.items())):
+            if not isinstance(value, (int, float)) or not low <= value <= high:
+                return f"results.{name}.{key}={value!r}; accepted: {low:g} to {high:g}"
+    return ""
 
 
 def read_overrides(run_dir: Path) -> str:
@@ -556,16 +584,23 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, layers_run: str | Path |
         written.append(_write_frame(rest[["run", "path", "status", "overrides", *settings, "error"]],
                                     out / "failed.csv"))
     plots = []
-    if len(ok):
-        plots.append(save_png(plot_pareto(df), out / "pareto.png"))
-        layer_dir = Path(layers_run) if layers_run is not None else Path(ok.iloc[0]["path"])
-        plots.append(save_png(plot_kept_channels(layer_dir), out / "kept_channels.png"))
-        for name, fig in (("speedup", plot_speedup(df)), ("finetune", plot_finetune(df))):
-            if fig is not None:
-                plots.append(save_png(fig, out / f"{name}.png"))
+    # What matplotlib warns about (a degenerate axis range, a missing glyph) is no concern of the reader's.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plots += _write_plots(df, ok, out, layers_run) if len(ok) else []
     md = out / "results.md"
     write_text(md, results_markdown(df, plots))
     return written + plots + [md]
+
+
+def _write_plots(df: pd.DataFrame, ok: pd.DataFrame, out: Path, layers_run: str | Path | None) -> list[Path]:
+    layer_dir = Path(layers_run) if layers_run is not None else Path(ok.iloc[0]["path"])
+    plots = [save_png(plot_pareto(df), out / "pareto.png"),
+             save_png(plot_kept_channels(layer_dir), out / "kept_channels.png")]
+    for name, fig in (("speedup", plot_speedup(df)), ("finetune", plot_finetune(df))):
+        if fig is not None:
+            plots.append(save_png(fig, out / f"{name}.png"))
+    return plots
 
 
 def _write_frame(df: pd.DataFrame, path: Path) -> Path:

@@ -66,6 +66,10 @@ CASES = {
     "baseline.recipe.batch_size=100000000": ("baseline.recipe.batch_size=100000000; accepted: at most ...", 2),
     "recover.bn_images=8 recover.bn_batch_size=100000000": ("recover.bn_batch_size=100000000; accepted: at most ...",
                                                           2),
+    "model.name=tv_resnet5": ("model.name=tv_resnet5; accepted: tv_<a model of torchvision.models.list_models()>: "
+                              "torchvision has no model 'resnet5' (close names: tv_resnet50, ...", 2),
+    "dataset.seed=/tmp/a b": ("override 'b' is not key=value: a value holding a space must be quoted, as in "
+                              "'dataset.seed=/tmp/a b'", 2),
     "dataset.train_size=1000000000": ("dataset.train_size=1000000000; accepted: at most ...", 2),
     # every option that counts images: no more than the split holds
     "collect.num_images=100000": ("collect.num_images=100000; accepted: 1 to 512 (the training split of dataset=fake "

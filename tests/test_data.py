@@ -1,5 +1,6 @@
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,3 +155,25 @@ def test_shared_cifar_copy_fails_the_md5_check_and_loads_unverified():
         reference = pickle.load(f, encoding="latin1")           # the file is the trusted shared copy
     assert torch.equal(test.images, torch.from_numpy(reference["data"]).view(-1, 3, 32, 32))
     assert test.labels.tolist() == reference["labels"]
+
+
+def test_a_dataset_root_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError) as err:
+        load_dataset("cifar10", str(tmp_path / "file"))
+    assert str(err.value) == (f"dataset.root={str(tmp_path / 'file')!r} is a file; accepted: a folder holding "
+                              f"cifar-10-batches-py/, or one to download it into")
+
+
+def test_a_failed_download_leaves_no_folder_behind(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tv_utils
+
+    def offline(url, root, **kwargs):           # what torchvision does before the network fails
+        Path(root).mkdir(parents=True, exist_ok=True)
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    root = tmp_path / "new" / "data"
+    with pytest.raises(FileNotFoundError, match=r"download failed: \[Errno 101\] Network is unreachable"):
+        load_dataset("cifar10", str(root))
+    assert list(tmp_path.iterdir()) == []

@@ -1,6 +1,7 @@
 """qsfm-report on hand-made run directories (the layout qsfm-run writes)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -364,3 +365,23 @@ def test_a_scorer_has_one_colour_in_every_plot() -> None:
     one, other = report.criterion_colors(["qsfm (cosine)"]), report.criterion_colors(["zzz", "qsfm (cosine)"])
     assert all(one[s] == other[s] for s in ("chip", "l1", "qsfm", "random"))
     assert one["qsfm (cosine)"] == other["qsfm (cosine)"] and len(set(other.values())) == len(other)
+
+
+@pytest.mark.parametrize("field, text, expected", [
+    ("top1", "NaN", "it holds NaN, which is not a JSON number"),
+    ("top1", "-Infinity", "it holds -Infinity, which is not a JSON number"),
+    ("top1", "1e308", "results.final.top1=1e+308; accepted: 0 to 100"),
+    ("macs", "1e308", "results.final.macs=1e+308; accepted: 0 to 1e+15"),
+])
+def test_report_lists_a_record_with_impossible_figures_as_a_bad_run(field, text, expected, tmp_path, capsys):
+    run = make_run(tmp_path / "runs", "l1", 0.5)
+    make_run(tmp_path / "runs", "l1", 0.3)
+    path = run / "metrics.json"
+    record = json.loads(path.read_text())
+    record["results"]["final"][field] = "PLACEHOLDER"
+    path.write_text(json.dumps(record).replace('"PLACEHOLDER"', text))
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    console = capsys.readouterr()
+    assert "1 finished run(s), 1 failed, 0 unfinished" in console.out
+    assert console.err == ""                   # nothing from matplotlib either
+    assert f"bad metrics.json: {expected}" in (tmp_path / "out" / "failed.csv").read_text()

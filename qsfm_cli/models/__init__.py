@@ -25,12 +25,24 @@ def _torchvision_builder(name: str) -> Callable[..., nn.Module] | None:
         return None
 
 
+def _no_torchvision_model(name: str) -> str:
+    import difflib
+
+    import torchvision.models as tvm
+
+    close = difflib.get_close_matches(name, tvm.list_models(), n=5, cutoff=0.5)
+    return (f"model.name=tv_{name}; accepted: tv_<a model of torchvision.models.list_models()>: torchvision has no "
+            f"model {name!r} (close names: {', '.join('tv_' + c for c in close) or 'none'})")
+
+
 def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     """Build a model by registry name; ``tv_<name>`` builds torchvision's ``<name>`` untrained."""
     if name in MODELS:
         model = MODELS.get(name)(num_classes=num_classes, **kwargs)
     elif name.startswith("tv_") and (builder := _torchvision_builder(name[3:])) is not None:
         model = builder(weights=None, num_classes=num_classes, **kwargs)
+    elif name.startswith("tv_"):
+        raise ValueError(_no_torchvision_model(name[3:]))
     elif name.startswith("timm_"):
         model = create_timm(name, num_classes, **kwargs)
     else:
