@@ -3,13 +3,19 @@ latency; the label-free divergence the planner is given to measure pruned copies
 the original on held-out training images (what recipes are chosen by)."""
 from __future__ import annotations
 
+import logging
+import math
+import os
+import platform
 from dataclasses import replace
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from .cache import Cache, fingerprint
 from .counting import count_macs, count_params
 from .data import ImageSet
 from .latency import RUNTIMES, PairLatency, measure_pair, model_latency
@@ -19,14 +25,18 @@ from .record import Metrics
 if TYPE_CHECKING:
     from .imagefolder import FolderSet
 
+log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def accuracy(model: nn.Module, ds: ImageSet | FolderSet, *, device: str | torch.device = "cpu",
-             batch_size: int = 500) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy in percent on every image of ``ds``."""
+             batch_size: int = 500, progress: bool = False) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy in percent on every image of ``ds`` (a progress bar with ``progress``)."""
     model.eval()
     hits1 = hits5 = 0
-    for x, y in make_loader(ds, batch_size, device=device, train=False, path="device"):
+    log.info("accuracy on %d images of %s", len(ds), ds.name or "the test split")
+    batches = make_loader(ds, batch_size, device=device, train=False, path="device")
+    for x, y in tqdm(batches, desc="evaluate", total=math.ceil(len(ds) / batch_size), unit="batch",
+                     disable=not progress, leave=False):
         top = model(x).topk(min(5, ds.num_classes), dim=1).indices
         hits1 += (top[:, 0] == y).sum().item()
         hits5 += (top == y[:, None]).any(dim=1).sum().item()
@@ -87,20 +97,20 @@ def evaluate_pair(base: nn.Module, pruned: nn.Module, test: ImageSet | FolderSet
                   runtimes: tuple[str, ...] = ("torch",), latency_threads: int | None = None,
                   batch_size: int = 500,
                   known_accuracy: tuple[tuple[float, float] | None, tuple[float, float] | None] = (None, None),
-                  ) -> tuple[Metrics, Metrics, list[PairLatency]]:
+                  cache: Cache | None = None) -> tuple[Metrics, Metrics, list[PairLatency]]:
     """``evaluate`` of a base model and its pruned copy, their latencies timed together
     (``latency.measure_pair``) for each runtime in ``runtimes``.
 
     Each model's ``latency_ms`` holds its eager PyTorch medians; the returned pairs hold every runtime's
-    medians, spreads, speed-ups and ``trusted`` flags.
+    medians, spreads, speed-ups and ``trusted`` flags. With ``cache``, the pairs of two architectures already
+    timed on this machine with the same settings come from it (``latency_pairs``).
     """
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown or not runtimes:
         raise ValueError(f"latency runtimes {list(runtimes)}; accepted: one or more of {', '.join(RUNTIMES)}")
     hw = input_shape(test)[1:]
-    pairs = [pair for runtime in runtimes
-             for pair in measure_pair(base, pruned, latency_batches, runtime=runtime, device=device, input_hw=hw,
-                                      repeats=latency_repeats, threads=latency_threads)]
+    pairs = latency_pairs(base, pruned, hw, device=device, batches=latency_batches, repeats=latency_repeats,
+                          runtimes=runtimes, threads=latency_threads, cache=cache)
     eager = [p for p in pairs if p.runtime == "torch"]
     metrics = [evaluate(m, test, device=device, latency_batches=(), batch_size=batch_size, known_accuracy=acc)
                for m, acc in zip((base, pruned), known_accuracy)]
@@ -108,3 +118,46 @@ def evaluate_pair(base: nn.Module, pruned: nn.Module, test: ImageSet | FolderSet
         replace(m, latency_ms={f"b{p.batch}": getattr(p, f"{side}_ms") for p in eager})
         for m, side in zip(metrics, ("base", "pruned")))
     return base_metrics, pruned_metrics, pairs
+
+
+def latency_pairs(base: nn.Module, pruned: nn.Module, hw: tuple[int, ...], *, device: str | torch.device,
+                  batches: Sequence[int], repeats: int, runtimes: Sequence[str], threads: int | None,
+                  cache: Cache | None = None) -> list[PairLatency]:
+    """``latency.measure_pair`` for every runtime. With ``cache``, the latency of a pair of architectures
+    (layer shapes, not weights) already timed on this machine (host, CPU, torch and ONNX Runtime versions,
+    threads) at the same input size, batches, repeats and device is read from it: the models of a sweep
+    that differ only in which channels they keep are timed once."""
+    def measure() -> list[dict]:
+        pairs = []
+        for runtime in runtimes:
+            log.info("latency (%s): base and pruned model timed in turn, batch sizes %s, %d rounds", runtime,
+                     ", ".join(map(str, batches)), repeats)
+            pairs += measure_pair(base, pruned, batches, runtime=runtime, device=device, input_hw=tuple(hw),
+                                  repeats=repeats, threads=threads)
+        return [p.to_dict() for p in pairs]
+
+    if cache is None:
+        return [PairLatency(**d) for d in measure()]
+    key = fingerprint("latency", _shapes(base), _shapes(pruned), list(hw), list(batches), repeats, list(runtimes),
+                      threads, str(device), _machine(runtimes))
+    raw, hit = cache.get_or_compute("latency", key, measure)
+    if hit:
+        log.info("latency: these two architectures were timed before on this machine with the same settings "
+                 "(cache entry latency/%s); not timed again", key)
+    return [PairLatency(**d) for d in raw]
+
+
+def _shapes(model: nn.Module) -> dict[str, list[int]]:
+    return {"class": type(model).__name__, **{k: list(v.shape) for k, v in model.state_dict().items()}}
+
+
+def _machine(runtimes: Sequence[str]) -> dict[str, object]:
+    """What a latency depends on beside the models and the options."""
+    machine: dict[str, object] = {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+                                  "cores": os.cpu_count(), "torch": torch.__version__,
+                                  "torch_threads": torch.get_num_threads()}
+    if "onnxruntime" in runtimes:
+        import onnxruntime
+
+        machine["onnxruntime"] = onnxruntime.__version__
+    return machine

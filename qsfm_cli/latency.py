@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -21,6 +22,8 @@ import torch
 from torch import nn
 
 from .export import onnx_model, onnx_session
+
+log = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "onnxruntime")
 MAX_SPREAD = 0.2
@@ -175,6 +178,8 @@ def measure_pair(base: nn.Module, pruned: nn.Module, batches: Sequence[int] = (1
             base_times, pruned_times = interleaved_times(runs, repeats, warmup=warmup, min_warmup_s=min_warmup_s)
             results.append(summarize_pair(base_times, pruned_times, runtime=runtime, batch=batch,
                                           threads=threads, max_spread=max_spread))
+            log.info("latency (%s) batch %d: base %.3f ms, pruned %.3f ms", runtime, batch, results[-1].base_ms,
+                     results[-1].pruned_ms)
     return results
 
 

@@ -437,12 +437,14 @@ def prune_and_recover(model: nn.Module, sets: list[ChannelSet], orders: Orders, 
 def evaluate_stage(base: nn.Module, pruned: nn.Module, exp: Experiment, cache: Cache
                    ) -> tuple[Metrics, Metrics, list[PairLatency]]:
     """Evaluate stage: both models' metrics, their latencies timed together per runtime; the accuracy of a
-    model already seen on these test images comes from the cache."""
+    model already seen on these test images, and the latency of a pair of architectures already timed on
+    this machine with the same settings, come from the cache."""
     spec = exp.eval
 
     def cached_accuracy(model: nn.Module) -> tuple[float, float]:
         def measure() -> list[float]:
-            return list(accuracy(model, exp.test_set, device=exp.device, batch_size=spec.batch_size))
+            return list(accuracy(model, exp.test_set, device=exp.device, batch_size=spec.batch_size,
+                                 progress=exp.progress))
 
         key = fingerprint("accuracy", model_fingerprint(model), exp.test_set.content_key(), exp.test_set.mean,
                           exp.test_set.std)
@@ -454,7 +456,7 @@ def evaluate_stage(base: nn.Module, pruned: nn.Module, exp: Experiment, cache: C
                   for m, acc in zip((base, pruned), known)), [])
     return evaluate_pair(base, pruned, exp.test_set, device=exp.device, latency_batches=spec.latency_batches,
                          latency_repeats=spec.latency_repeats, runtimes=spec.runtimes, batch_size=spec.batch_size,
-                         known_accuracy=known)
+                         known_accuracy=known, cache=cache)
 
 
 def check_image_counts(exp: Experiment) -> None:
@@ -532,7 +534,8 @@ def run_stages(exp: Experiment, ctx: RunContext) -> tuple[Results, nn.Module]:
                   execution=exp.execution, run_dir=exp.run_dir, resume=exp.resume, progress=exp.progress,
                   on_epoch=None if exp.logger is None else epoch_metrics(exp.logger))
             # Fine-tuning changes weights, not shapes: MACs, params and latency stay those of the pruned model.
-            top1, top5 = accuracy(pruned, exp.test_set, device=exp.device, batch_size=exp.eval.batch_size)
+            top1, top5 = accuracy(pruned, exp.test_set, device=exp.device, batch_size=exp.eval.batch_size,
+                                  progress=exp.progress)
             final = replace(after_prune, top1=top1, top5=top5)
 
     select = {}

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from qsfm_cli.data import load_dataset
-from qsfm_cli.evaluate import evaluate_pair
+from qsfm_cli.evaluate import evaluate_pair, latency_pairs
 from qsfm_cli.latency import (MAX_SPREAD, PairLatency, format_pairs, interleaved_times, measure_pair, spread,
                               summarize_pair)
 from qsfm_cli.models import create_model
@@ -106,3 +106,29 @@ def test_evaluate_pair_fills_each_models_latency_from_one_paired_measurement(pai
     assert pruned_m.macs < base_m.macs and 0 <= pruned_m.top1 <= 100
     with pytest.raises(ValueError, match=r"latency runtimes \['torch', 'trt'\]"):
         evaluate_pair(*pair, test, runtimes=("torch", "trt"))
+
+
+def test_a_pair_of_architectures_is_timed_once_per_machine_and_settings(tmp_path, monkeypatch):
+    from qsfm_cli import evaluate
+    from qsfm_cli.cache import Cache
+
+    timed = []
+    real = evaluate.measure_pair
+
+    def counting(base, pruned, batches, **kwargs):
+        timed.append((tuple(batches), kwargs["threads"]))
+        return real(base, pruned, batches, **kwargs)
+
+    monkeypatch.setattr(evaluate, "measure_pair", counting)
+    cache = Cache(tmp_path / "cache")
+
+    def pairs(seed: int, threads: int | None = None):
+        torch.manual_seed(seed)                  # other weights, the same architectures
+        base, pruned = create_model("resnet8"), create_model("resnet8", stage_widths=(2, 4, 8))
+        return latency_pairs(base, pruned, (16, 16), device="cpu", batches=(1, 2), repeats=3,
+                             runtimes=("torch",), threads=threads, cache=cache)
+
+    first = pairs(0)
+    assert pairs(1) == first and len(timed) == 1          # read back, not timed again
+    pairs(1, threads=1)                                   # other threads: timed
+    assert timed == [((1, 2), None), ((1, 2), 1)]
