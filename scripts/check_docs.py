@@ -2,7 +2,8 @@
 
     python scripts/check_docs.py                                      # every table of figures, the script
                                                                       # that regenerates it, stale marks
-    python scripts/check_docs.py --rerun --data DIR --checkpoint FILE # also re-run each table's probe cells
+    python scripts/check_docs.py --rerun --data DIR --checkpoint FILE [--cache DIR]
+                                                                      # also re-run each table's probe cells
 
 A table of figures (two or more cells holding a decimal number) must name, in its section (from the
 heading above it to the table's end), the script in scripts/ (or the qsfm-run command) that regenerates it;
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FIGURE = re.compile(r"^\**\(?-?\d+\.\d+\)?%?\**$")
+FIGURE = re.compile(r"^\**\(?-?\d+\.\d+")          # a number, marked or not
 SCRIPT = re.compile(r"scripts/[\w./-]+\.(?:sh|py)")
 PROBE = re.compile(r"<!--\s*check:\s*(.+?)\s*\|\s*(.+?)\s*\|\s*(.+?)\s*-->")
 STALE = "stale: pending regeneration"
@@ -63,7 +64,7 @@ def cells(line: str) -> list[str]:
 def tables(doc: Path) -> list[Table]:
     """Every markdown table of ``doc`` with its section's scripts, stale mark and probes."""
     lines = doc.read_text().splitlines()
-    found, section_start, i, fenced = [], 0, 0, False
+    found, section_start, i, fenced, last_end = [], 0, 0, False, 0
     while i < len(lines):
         fenced ^= lines[i].startswith("```")
         if lines[i].startswith("#") and not fenced:
@@ -78,19 +79,19 @@ def tables(doc: Path) -> list[Table]:
                 regenerate |= {"a qsfm-run command"} if re.search(r"^(?:\s*)qsfm-run ", section, re.M) else set()
                 found.append(Table(doc, i + 1, cells(lines[i]), [cells(r) for r in lines[i + 2:end]],
                                    sorted(regenerate), STALE in section,
-                                   PROBE.findall("\n".join(lines[section_start:i]))))
-            i = end
+                                   PROBE.findall("\n".join(lines[max(section_start, last_end):i]))))
+            i = last_end = end
             continue
         i += 1
     return found
 
 
-def rerun(probe: tuple[str, str, str], data: Path, checkpoint: Path, workdir: Path) -> float:
+def rerun(probe: tuple[str, str, str], data: Path, checkpoint: Path, workdir: Path, cache: Path) -> float:
     """The final top-1 that one ``experiment=scorer_table`` run with the probe's overrides gives now."""
-    run_dir = workdir / re.sub(r"[^\w.=-]", "_", probe[2])
+    run_dir = workdir / re.sub(r"[^\w.-]", "_", probe[2])
     cmd = [sys.executable, "-m", "qsfm_cli.app", "experiment=scorer_table", f"model.checkpoint={checkpoint}",
            f"dataset.root={data}", "progress=false", "eval.latency_batches=[]", f"hydra.run.dir={run_dir}",
-           f"cache.dir={workdir / 'cache'}", *probe[2].split()]
+           f"cache.dir={cache}", *probe[2].split()]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip().splitlines()[-1:]}")
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun", action="store_true", help="re-run every probe cell (needs --data, --checkpoint)")
     parser.add_argument("--data", type=Path, help="a folder holding cifar-10-batches-py/")
     parser.add_argument("--checkpoint", type=Path, help="resnet56-4bfd9763.th")
+    parser.add_argument("--cache", type=Path, help="qsfm-run's cache.dir to share (default: a fresh one; a "
+                        "cache another run of the current code filled answers from it)")
     args = parser.parse_args(argv)
     if args.rerun and not (args.data and args.checkpoint):
         parser.error("--rerun needs --data and --checkpoint")
@@ -118,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                 problems += 1
             for probe in table.probes if args.rerun else []:
                 shown = table.cell(probe[0], probe[1])
-                now = rerun(probe, args.data, args.checkpoint, Path(tmp))
+                now = rerun(probe, args.data.resolve(), args.checkpoint.resolve(), Path(tmp),
+                            (args.cache or Path(tmp) / "cache").resolve())
                 if shown is None or shown.strip("*") != f"{now:.2f}":
                     print(f"{where}: {probe[0]} / {probe[1]} says {shown}, the current code gives {now:.2f} "
                           f"({probe[2]})")
