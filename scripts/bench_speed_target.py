@@ -25,6 +25,7 @@ the load average it ran under.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
 import tempfile
@@ -204,6 +205,8 @@ def main() -> None:
     parser.add_argument("--scorer", default="l1")
     parser.add_argument("--recover", default="lstsq", help="recovery of both planners (blockwise: slower)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("qsfm_cli").setLevel(logging.INFO)     # progress on stderr; the document on stdout
     args.repeats = args.repeats or (5 if args.quick else 10)
     torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_speed_"))
