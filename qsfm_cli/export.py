@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import limits
-from .files import atomic_write, write_json
+from .files import atomic_write, unwritable, write_json
 from .outputs import PRUNED_FILE, load_pruned
 
 OPSET = 20                     # ONNX Runtime >= 1.17 runs every op the exporter emits at this opset
@@ -228,15 +228,9 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, image_size
 
 def _check_writable(path: Path) -> None:
     """Refuse, before any work, a file that cannot be written at ``path`` (naming it, not a temp file)."""
-    if path.is_dir():
-        raise ValueError(f"cannot write {path}: it is a directory")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"cannot write {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {path}: {parent} is not writable")
+    why = unwritable(path)
+    if why:
+        raise ValueError(f"cannot write {path}: {why}")
 
 
 def _check_memory(model: nn.Module, size: int, num_images: int) -> None:

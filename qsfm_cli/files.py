@@ -25,6 +25,22 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def unwritable(path: Path, *, folder: bool = False) -> str:
+    """Why a file (or with ``folder``, a folder) cannot be made at ``path``; '' when it can, as far as the
+    nearest existing folder above it says."""
+    path = Path(path).expanduser()
+    if path.exists() and path.is_dir() != folder:
+        return f"{path} is {'a file' if folder else 'a directory'}"
+    parent = path if folder and path.exists() else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return ""
+
+
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write through ``write(fileobj)`` into a temp file beside ``path``, then rename it over ``path``.
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import checkpoints, distributed, limits, outputs
+from .files import unwritable
 from .baseline import trained_baseline
 from .cache import Cache, fingerprint, model_fingerprint
 from .collect import collect_stats
@@ -478,6 +479,9 @@ def check_sizes(exp: Experiment, model: nn.Module, example: torch.Tensor) -> Non
     """The image counts (``check_image_counts``), then every batch and every set of images held in memory
     against the memory available (``limits``), before any weights are loaded."""
     check_image_counts(exp)
+    why = unwritable(exp.cache_dir, folder=True) if exp.cache_dir is not None else ""
+    if why:
+        raise ValueError(f"cache.dir={exp.cache_dir}: {why}; accepted: a writable directory")
     available = limits.available_memory(exp.device)
     inference = limits.bytes_per_image(model, example)
     batches = {"eval.batch_size": exp.eval.batch_size, "eval.latency_batches": list(exp.eval.latency_batches),

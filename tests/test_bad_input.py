@@ -323,3 +323,13 @@ def test_resume_over_an_unreadable_state_is_one_line_and_a_failed_record(state: 
     record = json.loads((run / "metrics.json").read_text())
     assert (record["status"], record["error"]) == ("failed", f"ValueError: {line}")
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_cache_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path: Path, monkeypatch, capsys) -> None:
+    (tmp_path / "file").write_text("")
+    run = tmp_path / "run"
+    code, err = qsfm_run_in_process([*SMOKE, f"hydra.run.dir={run}", f"cache.dir={tmp_path / 'file'}"], monkeypatch,
+                                    capsys)
+    line = f"cache.dir={tmp_path / 'file'}: {tmp_path / 'file'} is a file; accepted: a writable directory"
+    assert (code, err) == (2, [f"qsfm-run: error: {line}"])
+    assert json.loads((run / "metrics.json").read_text())["error"] == f"ValueError: {line}"

@@ -174,7 +174,7 @@ def test_export_refuses_an_unwritable_out_before_any_work(run_dir, tmp_path, cap
     out = tmp_path / "file" / "model.onnx"
     assert export_error([str(run_dir), "--out", str(out)], capsys) == \
         f"cannot write {out}: {tmp_path / 'file'} is not a directory"
-    assert export_error([str(run_dir), "--out", str(tmp_path)], capsys) == f"cannot write {tmp_path}: it is a directory"
+    assert export_error([str(run_dir), "--out", str(tmp_path)], capsys) == f"cannot write {tmp_path}: {tmp_path} is a directory"
 
 
 def test_export_names_a_missing_run_directory(tmp_path, capsys):
