@@ -118,6 +118,7 @@ def cli_cases(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return tmp, {name: SimpleNamespace(**r) for name, r in json.loads((tmp / "results.json").read_text()).items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override", list(CASES))
 def test_bad_value_is_one_line_before_any_work(override: str, cli_cases: tuple[Path, dict]) -> None:
     tmp, results = cli_cases
@@ -132,6 +133,7 @@ def test_bad_value_is_one_line_before_any_work(override: str, cli_cases: tuple[P
     assert not (tmp / "cache").exists()   # no baseline trained, nothing collected by any case
 
 
+@pytest.mark.slow
 def test_unwritable_run_dir_is_one_line(cli_cases: tuple[Path, dict]) -> None:
     tmp, results = cli_cases
     proc = results["unwritable run dir"]
@@ -147,6 +149,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_rerun_into_a_finished_run_dir_is_refused(finished: Path) -> None:
     before = (finished / "metrics.json").read_bytes()
     proc = qsfm_run(*SMOKE, f"hydra.run.dir={finished}", "resume=true", "seed=1", "finetune=short",
@@ -158,6 +161,7 @@ def test_rerun_into_a_finished_run_dir_is_refused(finished: Path) -> None:
     assert not (finished / "train_state.pt").exists()
 
 
+@pytest.mark.slow
 def test_resume_with_another_seed_is_refused_before_any_work(tmp_path: Path) -> None:
     run = tmp_path / "run"           # an unfinished run: a fine-tuning state, no finished record
     run.mkdir()
@@ -197,6 +201,7 @@ def test_an_unexpected_error_is_one_line_and_the_traceback_goes_to_the_log(tmp_p
     assert "Traceback" in log_file.read_text() and "disk on fire" in log_file.read_text()
 
 
+@pytest.mark.slow
 def test_a_value_holding_a_slash_stays_inside_the_sweep_dir(tmp_path: Path) -> None:
     sweep = tmp_path / "a" / "sweep"
     proc = qsfm_run("-m", *SMOKE, f"hydra.sweep.dir={sweep}", "scorer.name=../../../escaped,../x", cwd=tmp_path)
@@ -232,6 +237,7 @@ def test_record_says_running_from_the_start_and_failed_after(tmp_path: Path, mon
     assert record["settings"]["scorer"]["name"] == "l1"
 
 
+@pytest.mark.slow
 def test_results_are_written_before_the_model(finished: Path, tmp_path: Path, monkeypatch) -> None:
     seen = {}
 
@@ -267,6 +273,7 @@ def report_exit(args: list[str], capsys) -> tuple[int, str]:
     return exit_.value.code, err[0]
 
 
+@pytest.mark.slow
 def test_report_layers_on_a_failed_run_says_it_failed(finished: Path, tmp_path: Path, capsys) -> None:
     failed = tmp_path / "failed"
     outputs.write_record(failed, RunRecord(None, status="failed", error="ValueError: bad"))
@@ -276,6 +283,7 @@ def test_report_layers_on_a_failed_run_says_it_failed(finished: Path, tmp_path: 
                                   f"channels are known only once it has finished")
 
 
+@pytest.mark.slow
 def test_report_into_an_unwritable_folder_is_one_line(finished: Path, tmp_path: Path, capsys) -> None:
     (tmp_path / "file").write_text("")
     code, line = report_exit([str(finished), "--out", str(tmp_path / "file" / "out")], capsys)

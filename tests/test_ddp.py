@@ -111,6 +111,7 @@ def ddp_runs(tmp_path_factory):
     return out, single
 
 
+@pytest.mark.slow
 def test_ddp_matches_one_process_with_the_same_global_batch(ddp_runs):
     out, single = ddp_runs
     ours, ref = _state(out / "own0")["model"], _state(single)["model"]
@@ -123,12 +124,14 @@ def test_ddp_matches_one_process_with_the_same_global_batch(ddp_runs):
         assert float(a["test_top1"]) == pytest.approx(float(b["test_top1"]))
 
 
+@pytest.mark.slow
 def test_only_rank_0_writes(ddp_runs):
     out, _ = ddp_runs
     assert {p.name for p in (out / "own0").iterdir()} == {STATE_FILE, LOG_FILE}
     assert not (out / "own1").exists() or not any((out / "own1").iterdir())
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_rank_stops_both_and_resume_matches(ddp_runs):
     out, single = ddp_runs
     assert {p.name for p in out.iterdir() if p.name.startswith(("interrupted", "finished"))} == \
@@ -211,6 +214,7 @@ def test_a_submitit_task_joins_with_slurms_rank_and_size(monkeypatch):
         {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07"}
 
 
+@pytest.mark.slow
 def test_multigpu_slurm_launcher_asks_one_task_per_gpu(no_submission, tmp_path):
     sbatch = sbatch_of(no_submission, tmp_path, ["hydra/launcher=slurm_multigpu", "hydra.launcher.nodes=2"],
                        [["seed=0"]])
@@ -237,6 +241,7 @@ app.main()
 """
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_share_one_run_dir(tmp_path):
     """Two ranks of ``torchrun -m qsfm_cli.app`` with the bootstrap the app runs (its first two lines), a
     microsecond stamp in the run dir: one directory, one .hydra/, one log written by rank 0."""

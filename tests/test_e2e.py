@@ -33,6 +33,7 @@ def smoke_run(tmp_path_factory):
     return tmp / "run", proc.stdout
 
 
+@pytest.mark.slow
 def test_cli_writes_metrics_table_and_model(smoke_run):
     run_dir, stdout = smoke_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -51,6 +52,7 @@ def test_cli_writes_metrics_table_and_model(smoke_run):
     assert (run_dir / ".hydra" / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_load_pruned_round_trips_to_identical_outputs(smoke_run, tmp_path):
     run_dir, _ = smoke_run
     model = qsfm_cli.load_pruned(run_dir / "pruned_model.pt")
@@ -94,6 +96,7 @@ def test_wrong_architecture_checkpoint_is_named(tmp_path):
         run_experiment(experiment(tmp_path, f"model.checkpoint={tmp_path / 'r20.pt'}"))
 
 
+@pytest.mark.slow
 def test_cli_bad_value_prints_one_line_and_records_the_failure(tmp_path):
     proc = qsfm_run("experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}", "model.name=resnet57",
                     cwd=tmp_path)
@@ -106,6 +109,7 @@ def test_cli_bad_value_prints_one_line_and_records_the_failure(tmp_path):
     assert failed["status"] == "failed" and "resnet57" in failed["error"]
 
 
+@pytest.mark.slow
 def test_iterative_compensated_pruning_reaches_the_one_step_plan(tmp_path):
     one = run_experiment(experiment(tmp_path / "one", "scorer=qsfm", "recover=lstsq"))
     two = run_experiment(experiment(tmp_path / "two", "scorer=qsfm", "recover=lstsq",
@@ -119,6 +123,7 @@ def test_iterative_compensated_pruning_reaches_the_one_step_plan(tmp_path):
     assert {"baseline", "collect", "score", "plan", "prune", "recover", "evaluate"} <= set(two.timings_s)
 
 
+@pytest.mark.slow
 def test_sensitivity_table_is_cached_with_the_scores(tmp_path):
     overrides = ("prune=sensitivity", "prune.target_macs_reduction=0.3", "prune.sensitivity_grid=[0.25,0.5]",
                  "prune.sensitivity_images=32", "recover=lstsq")
@@ -144,6 +149,7 @@ def test_overlapping_training_splits_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*baseline*"))
 
 
+@pytest.mark.slow
 def test_refits_measure_the_sensitivity_table_with_lstsq_fold_standing_in(tmp_path):
     """A refit is not run per table entry: sequential and blockwise put lstsq's fold in force there (what a
     refit of one set's consumers amounts to), so they share lstsq's table; no recovery has a table of its own."""
@@ -157,6 +163,7 @@ def test_refits_measure_the_sensitivity_table_with_lstsq_fold_standing_in(tmp_pa
     assert runs[0].results.kept_channels == runs[1].results.kept_channels == runs[2].results.kept_channels
 
 
+@pytest.mark.slow
 def test_sensitivity_allocation_takes_stage_channels_with_scope_all(tmp_path):
     """prune.scope=all puts the residual streams into the table and the allocation (QSFM's profile: params
     can fall faster than MACs), and blockwise tunes the blocks around the streams it cannot refit alone."""
@@ -172,6 +179,7 @@ def test_sensitivity_allocation_takes_stage_channels_with_scope_all(tmp_path):
     assert pruned and all(record.results.recovery[n].startswith("skipped: its map is not read") for n in pruned)
 
 
+@pytest.mark.slow
 def test_recovered_model_is_cached_and_served_with_the_same_weights(tmp_path):
     overrides = ("scorer=l1", "recover=sequential", "recover.images=32", "save_model=true")
     first = run_experiment(experiment(tmp_path, *overrides, run="a"))
@@ -214,6 +222,7 @@ def test_resnet56_on_real_cifar10_matches_the_published_baseline(tmp_path):
     assert 10 < results.final.top1 < results.base.top1
 
 
+@pytest.mark.slow
 def test_compensation_reuses_the_scorers_cached_statistics_and_scores(tmp_path):
     plain = run_experiment(experiment(tmp_path, "scorer=qsfm", run="a"))
     compensated = run_experiment(experiment(tmp_path, "scorer=qsfm", "recover=lstsq", run="b"))

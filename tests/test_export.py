@@ -37,6 +37,7 @@ def images(n: int, seed: int = 1, size: int = 32) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet20", "vgg16_bn", "mobilenetv2", "tv_resnet18"])
 def test_pruned_model_exports_and_matches_pytorch(name, tmp_path):
     model = pruned(name)
@@ -58,6 +59,7 @@ def test_pruned_model_exports_and_matches_pytorch(name, tmp_path):
     assert not check_onnx(other, path, images(3))["ok"]
 
 
+@pytest.mark.slow
 def test_export_keeps_the_model_and_rejects_bad_inputs(tmp_path):
     model = pruned("resnet8").train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -76,6 +78,7 @@ def test_export_keeps_the_model_and_rejects_bad_inputs(tmp_path):
         check_onnx(model, path, images(1), tolerance=0)
 
 
+@pytest.mark.slow
 def test_export_command_writes_the_file_and_its_check(tmp_path, capsys):
     run_dir = tmp_path / "run"
     save_pruned(run_dir / PRUNED_FILE, pruned("resnet8"))
@@ -105,6 +108,7 @@ def export_error(args: list[str], capsys) -> str:
     return err[0].removeprefix("qsfm-export: error: ")
 
 
+@pytest.mark.slow
 def test_int8_quantization_is_close_to_fp32_and_smaller(tmp_path):
     model = pruned("resnet20")
     g = torch.Generator().manual_seed(0)
@@ -127,6 +131,7 @@ def test_int8_quantization_is_close_to_fp32_and_smaller(tmp_path):
     assert pair.base_ms > 0 and pair.pruned_ms > 0
 
 
+@pytest.mark.slow
 def test_run_with_quantize_int8_records_int8_beside_fp32(tmp_path):
     from .test_e2e import experiment
     from qsfm_cli.pipeline import run_experiment

@@ -2,9 +2,12 @@
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from .conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow   # every step of the check, each in processes of its own
 
 
 def test_gpu_check_dry_run_passes_every_step():

@@ -65,7 +65,7 @@ def test_warm_up_lasts_at_least_the_given_time():
     assert len(calls) - 5 >= 10          # 1 s of warm-up at 0.1 s per call
 
 
-@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("runtime", ["torch", pytest.param("onnxruntime", marks=pytest.mark.slow)])
 def test_measure_pair_reports_every_batch(pair, runtime):
     threads = torch.get_num_threads()
     results = measure_pair(*pair, [1, 3], runtime=runtime, repeats=5, warmup=1, min_warmup_s=0, threads=1)

@@ -141,6 +141,7 @@ def test_tensorboard_logger_reads_back(tmp_path):
     assert [p.name for p in (tmp_path / "exp").iterdir()] == ["prune.ratio=0.5"]   # no extra hparams run
 
 
+@pytest.mark.slow
 def test_mlflow_logger_reads_back(tmp_path):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
@@ -158,6 +159,7 @@ def test_mlflow_logger_reads_back(tmp_path):
     assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(store)
 
 
+@pytest.mark.slow
 def test_a_sweep_is_one_experiment_with_one_run_per_job(tmp_path):
     pytest.importorskip("tensorboard")
     pytest.importorskip("mlflow")

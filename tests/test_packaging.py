@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow   # builds and installs a wheel
+
 GROUPS = ("model", "dataset", "scorer", "prune", "recover", "finetune", "experiment")
 
 

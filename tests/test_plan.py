@@ -164,6 +164,7 @@ def test_threshold_plans_need_a_threshold_scorer_before_any_work(kwargs, setting
     PlanSpec(target_macs_reduction=0.4).validate(sets, model, scorer=get_scorer(scorer))
 
 
+@pytest.mark.slow
 def test_the_planner_imports_no_scorer():
     code = "import sys, qsfm_cli.plan; print(sorted(m for m in sys.modules if m.startswith('qsfm_cli.scoring')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -515,6 +516,7 @@ def test_every_protocol_keeps_multiples_of_round_to(protocol, monkeypatch):
             assert info["removed"] != plain
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("allocation, target", [("uniform", 0.48), ("threshold", 0.3)])
 def test_a_resnet56_target_search_with_round_to_8_lands_within_tolerance(allocation, target):
     model = create_model("resnet56")

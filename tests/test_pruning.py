@@ -148,9 +148,11 @@ def test_registered_model_pruning_equals_masking(name, scope):
         assert_equivalent(model, x, sets, keep, family_mask(model, x, sets, keep))
 
 
-TORCHVISION = [("tv_resnet18", {}), ("tv_mobilenet_v3_small", {}), ("tv_efficientnet_b0", {}),
-               ("tv_densenet121", {}), ("tv_regnet_x_400mf", {}),
-               ("tv_googlenet", {"aux_logits": False, "init_weights": True})]
+SLOW = pytest.mark.slow
+TORCHVISION = [pytest.param("tv_resnet18", {}, marks=SLOW), ("tv_mobilenet_v3_small", {}),
+               pytest.param("tv_efficientnet_b0", {}, marks=SLOW), pytest.param("tv_densenet121", {}, marks=SLOW),
+               pytest.param("tv_regnet_x_400mf", {}, marks=SLOW),
+               pytest.param("tv_googlenet", {"aux_logits": False, "init_weights": True}, marks=SLOW)]
 
 
 @pytest.mark.parametrize("name, kwargs", TORCHVISION)

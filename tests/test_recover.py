@@ -171,6 +171,7 @@ def test_every_model_is_refit_and_unhandled_sets_say_why(name):
             assert torch.isfinite(pruned(x)).all()
 
 
+@pytest.mark.slow
 def test_torchvision_resnet18_is_refit_per_block():
     data = images(8)
     model = calibrated(create_model("tv_resnet18"), data)

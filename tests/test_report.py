@@ -106,6 +106,7 @@ def test_collect_sorts_by_model_scorer_ratio_and_keeps_failed_apart(sweep: Path)
     assert ok.iloc[2]["top1_drop"] == pytest.approx(2.0) and ok.iloc[2]["time_score_s"] == 2.0
 
 
+@pytest.mark.slow
 def test_write_report_writes_tables_and_valid_pngs(sweep: Path, tmp_path: Path) -> None:
     df = report.collect_runs([sweep])
     written = report.write_report(df, tmp_path / "out")
@@ -227,6 +228,7 @@ def test_compare_shows_differences_first(sweep: Path) -> None:
     assert "kept_channels.kept/total" in metrics_part
 
 
+@pytest.mark.slow
 def test_cli_writes_default_report_dir_and_compares(sweep: Path) -> None:
     a = next(sweep.rglob("prune.ratio=0.3,scorer=l1,seed=0"))
     b = next(sweep.rglob("prune.ratio=0.5,scorer=l1,seed=0"))
@@ -272,6 +274,7 @@ APART = {
 }
 
 
+@pytest.mark.slow
 def test_runs_differing_in_any_setting_stay_apart(tmp_path: Path) -> None:
     """Two runs are one setting only when everything but the seed is equal: seeds are averaged, any other
     difference keeps its own results row, pivot row and plot line."""

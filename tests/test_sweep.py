@@ -64,11 +64,13 @@ def parallel(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     return tmp / "sweep", proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_grid_writes_one_run_dir_per_job_named_by_what_varied(grid: Path) -> None:
     assert set(job_dirs(grid)) == {
         f"experiment=smoke,prune.threshold={t},scorer={s}" for t in ("null", "0.5") for s in ("qsfm", "l1")}
 
 
+@pytest.mark.slow
 def test_failed_job_is_recorded_and_the_sweep_goes_on(grid_run: tuple[Path, subprocess.CompletedProcess]) -> None:
     grid, proc = grid_run
     failed = metrics_of(job_dirs(grid)["experiment=smoke,prune.threshold=0.5,scorer=l1"])
@@ -83,6 +85,7 @@ def test_failed_job_is_recorded_and_the_sweep_goes_on(grid_run: tuple[Path, subp
         f"metrics.json; qsfm-report {grid} lists them all)")
 
 
+@pytest.mark.slow
 def test_report_lists_three_runs_one_failure_and_valid_plots(grid: Path, tmp_path: Path) -> None:
     assert report.main([str(grid), "--out", str(tmp_path)]) == 0
     df = report.collect_runs([grid])
@@ -95,6 +98,7 @@ def test_report_lists_three_runs_one_failure_and_valid_plots(grid: Path, tmp_pat
         assert_png(tmp_path / name)
 
 
+@pytest.mark.slow
 def test_jobs_differing_only_in_threshold_reuse_statistics_and_scores(grid: Path) -> None:
     jobs = job_dirs(grid)
     first = jobs["experiment=smoke,prune.threshold=null,scorer=qsfm"]
@@ -105,6 +109,7 @@ def test_jobs_differing_only_in_threshold_reuse_statistics_and_scores(grid: Path
     assert "cache hit: stats/" in log and "cache miss: stats/" not in log
 
 
+@pytest.mark.slow
 def test_joblib_runs_the_ratio_sweep_in_parallel_and_collects_once(parallel: tuple[Path, str]) -> None:
     sweep, output = parallel
     jobs = list(job_dirs(sweep).values())

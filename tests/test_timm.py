@@ -19,7 +19,7 @@ from .test_pruning import assert_generic_pruning_equals_masking, randomized
 
 timm = pytest.importorskip("timm")
 
-TIMM = ["timm_resnet10t", "timm_mobilenetv3_small_050", "timm_efficientnet_b0"]
+TIMM = ["timm_resnet10t", "timm_mobilenetv3_small_050", pytest.param("timm_efficientnet_b0", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("name", TIMM)
@@ -48,6 +48,7 @@ def test_timm_preprocessing_is_the_data_config_of_its_weights():
     assert prep.crop_size == config["input_size"][-1] < prep.resize_size
 
 
+@pytest.mark.slow
 def test_timm_model_end_to_end_on_an_image_folder(tmp_path):
     splits = load_imagefolder(str(make_image_folder(tmp_path / "data")), crop_size=64, resize_size=72,
                               num_workers=0)

@@ -90,6 +90,7 @@ def mlflow_runs(root: Path) -> dict:
     return client, {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
 
 
+@pytest.mark.slow
 def test_sweep_is_one_experiment_with_one_tracked_run_per_job(sweep):
     root, jobs = sweep
     assert sorted(name.rsplit(",", 1)[1] for name in jobs) == ["prune.ratio=0.3", "prune.ratio=0.5"]
@@ -125,6 +126,7 @@ def test_sweep_is_one_experiment_with_one_tracked_run_per_job(sweep):
         assert len(pd.read_csv(run_dir / "csv" / "metrics.csv")) == 2
 
 
+@pytest.mark.slow
 def test_onnx_export_is_written_checked_and_recorded(sweep):
     _, jobs = sweep
     for run_dir in jobs.values():
@@ -136,6 +138,7 @@ def test_onnx_export_is_written_checked_and_recorded(sweep):
         assert check_onnx(model, run_dir / "pruned_model.onnx", torch.randn(3, 3, 32, 32))["ok"]
 
 
+@pytest.mark.slow
 def test_results_csv_has_speedup_trust_columns_for_each_runtime(sweep):
     _, jobs = sweep
     for run_dir in jobs.values():
@@ -148,6 +151,7 @@ def test_results_csv_has_speedup_trust_columns_for_each_runtime(sweep):
         assert sorted(record.results.latency) == ["onnxruntime/b1", "onnxruntime/b8", "torch/b1", "torch/b8"]
 
 
+@pytest.mark.slow
 def test_single_run_is_tracked_by_every_logger(tmp_path):
     pytest.importorskip("tensorboard")
     pytest.importorskip("mlflow")
