@@ -234,6 +234,7 @@ def test_compensation_reuses_the_scorers_cached_statistics_and_scores(tmp_path):
     assert compensated.results.kept_channels == plain.results.kept_channels
 
 
+@pytest.mark.slow
 def test_distillation_runs_after_the_recovery_and_is_named(tmp_path):
     record = run_experiment(experiment(tmp_path, "recover=sequential", "recover.images=32", "recover.distill_steps=3",
                                        "recover.distill_images=48"))
@@ -242,6 +243,7 @@ def test_distillation_runs_after_the_recovery_and_is_named(tmp_path):
     assert record.timings_s["distill"] > 0
 
 
+@pytest.mark.slow
 def test_plan_and_recovery_read_no_training_label(tmp_path):
     """Every training label is -1: a cross-entropy or an index on one anywhere in statistics, sensitivity
     table, allocation, reconstruction or distillation would fail. QSFM's profile settings, tiny."""

@@ -262,6 +262,7 @@ def prune_finetune_evaluate(model_name: str, splits, run_dir: Path, scorer: str 
     return dict(model=model, pruned=pruned, result=result, top1=top1, top5=top5, example=example)
 
 
+@pytest.mark.slow
 def test_torchvision_model_end_to_end_on_an_image_folder(folder, tmp_path):
     splits = load_imagefolder(str(folder), crop_size=64, resize_size=72, num_workers=0)
     out = prune_finetune_evaluate("tv_mobilenet_v3_small", splits, tmp_path)

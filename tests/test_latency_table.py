@@ -40,7 +40,7 @@ def test_grid_holds_the_ends_and_the_kernel_multiples():
     assert {1, 16, 256, 512} <= set(wide) and len(wide) <= 33 and all(w % 16 == 0 for w in wide[1:-1])
 
 
-@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("runtime", ["torch", pytest.param("onnxruntime", marks=pytest.mark.slow)])
 def test_table_times_every_set_at_its_grid(runtime, tiny):
     model, sets = tiny
     table = lt.build_table(model, X, sets, runtime=runtime, batch=2, threads=1, repeats=3)
@@ -114,6 +114,7 @@ SPEED = ("prune.target_speedup=1.3", "prune.latency_runtime=torch", "prune.laten
          "prune.latency_repeats=3")
 
 
+@pytest.mark.slow
 def test_run_builds_the_table_once_and_records_predicted_and_measured_speedups(tmp_path, monkeypatch):
     macs_clock(monkeypatch)
     first = run_experiment(experiment(tmp_path, *SPEED, run="a"))
@@ -147,6 +148,7 @@ def test_unreachable_target_is_refused_before_weights_and_statistics(tmp_path, m
     assert not (tmp_path / "cache" / "stats").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scorer, recover", [("qsfm", "lstsq"), ("fpgm", "sequential recover.images=64")])
 def test_speed_target_composes_with_the_sensitivity_allocation_scorers_and_recoveries(tmp_path, monkeypatch, scorer,
                                                                                        recover):

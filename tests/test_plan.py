@@ -380,6 +380,7 @@ def test_sensitivity_allocation_spares_sensitive_sets():
                   example_input=X, sensitivity=table)
 
 
+@pytest.mark.slow
 def test_a_params_target_prices_parameters_into_the_allocation():
     """QSFM's profile removes more parameters than MACs: the stage streams must be pruned although they cost
     more loss per MAC; the price on kept parameters is raised until the parameters fall far enough."""
@@ -469,6 +470,7 @@ def test_settle_rounds_the_kept_count_up_to_a_multiple(count, size, min_channels
 
 
 ROUND_TO = 6      # ResNet-20's sets have 16, 32, 64 channels: none a multiple, so the whole-set rule is exercised
+MEASURING = ("target_macs_reduction", "target_speedup")   # protocols that search, planning many times over
 EXAMPLES = {      # protocol -> PlanSpec fields of a plan that prunes; a newly registered protocol needs one here
     "ratio": [{"ratio": 0.45}],
     "rates": [{"rates": "[0.2]*3+[0.5]*3+[0.7]*3"}],
@@ -485,7 +487,8 @@ def graded_orders(sets, seed=0):
                           values=sorted(torch.rand(s.size, generator=g).tolist(), reverse=True)) for s in sets}
 
 
-@pytest.mark.parametrize("protocol", PROTOCOLS.names())
+@pytest.mark.parametrize("protocol", [pytest.param(name, marks=pytest.mark.slow) if name in MEASURING else name
+                                      for name in PROTOCOLS.names()])
 def test_every_protocol_keeps_multiples_of_round_to(protocol, monkeypatch):
     macs_clock(monkeypatch)
     model = create_model("resnet20")

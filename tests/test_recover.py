@@ -203,6 +203,7 @@ def test_calibration_images_follow_the_option():
     assert get_recovery("blockwise").method.calibration_images == 2048
 
 
+@pytest.mark.slow
 def test_distillation_brings_the_outputs_closer_without_reading_a_label():
     data = images(64)
     data.labels.fill_(-1)                      # a label read anywhere (a loss, an index) would fail

@@ -333,6 +333,7 @@ def make_speed_run(root: Path, scorer: str, target: float, *, allocation: str = 
     return run
 
 
+@pytest.mark.slow
 def test_a_sweep_over_targets_and_scorers_plots_top1_against_measured_speedup(tmp_path: Path) -> None:
     for scorer, drop in (("l1", 0.0), ("qsfm", 1.0), ("fpgm", 2.0)):
         for recover in ("none", "lstsq"):

@@ -19,7 +19,8 @@ from .test_pruning import assert_generic_pruning_equals_masking, randomized
 
 timm = pytest.importorskip("timm")
 
-TIMM = ["timm_resnet10t", "timm_mobilenetv3_small_050", pytest.param("timm_efficientnet_b0", marks=pytest.mark.slow)]
+TIMM = ["timm_resnet10t", *(pytest.param(n, marks=pytest.mark.slow)
+                            for n in ("timm_mobilenetv3_small_050", "timm_efficientnet_b0"))]
 
 
 @pytest.mark.parametrize("name", TIMM)
