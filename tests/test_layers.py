@@ -2,6 +2,7 @@
 itself through others: imports inside functions count, imports only a type checker reads do not."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import grimp
@@ -51,7 +52,15 @@ def test_circles_finds_a_loop_through_three_modules_and_nothing_in_a_chain():
 
 
 def test_the_layers_contract_holds():
-    assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0
+    # import-linter configures logging and so disables every logger that exists; the tests after this one
+    # read qsfm_cli's log records, so the loggers enabled before are enabled again.
+    enabled = [lg for lg in logging.root.manager.loggerDict.values()
+               if isinstance(lg, logging.Logger) and not lg.disabled]
+    try:
+        assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0
+    finally:
+        for lg in enabled:
+            lg.disabled = False
 
 
 
