@@ -9,6 +9,7 @@ Scorers, recoveries and dataset kinds have one schema each (``schema/scorer/<nam
 list; a newly registered scorer or recovery gets its schema without edits here. See docs/config.md.
 """
 import dataclasses
+import inspect
 import types
 import typing
 from dataclasses import dataclass, field, make_dataclass
@@ -20,6 +21,7 @@ from omegaconf import MISSING, OmegaConf
 from .data import CifarSpec, DigitsSpec, FakeSpec
 from .export import ExportSpec
 from .imagefolder import ImageFolderSpec
+from .loggers import LOGGERS, list_loggers
 from .pipeline import CollectSpec, EvalSpec
 from .plan import PlanSpec
 from .recover import RecoverySpec, get_recovery, list_recoveries
@@ -41,6 +43,16 @@ def schema(name: str, source: type, *, extra: tuple = (), exclude: tuple[str, ..
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else MISSING
         fields.append((f.name, _config_type(hints[f.name]), _default(default)))
     return make_dataclass(name, fields, bases=bases)
+
+
+def constructor_schema(name: str, cls: type) -> type:
+    """A config dataclass of ``cls``'s constructor arguments with their defaults, after its ``_target_``."""
+    hints = typing.get_type_hints(cls.__init__)
+    fields = [("_target_", str, _default(f"{cls.__module__}.{cls.__qualname__}"))]
+    for p in inspect.signature(cls).parameters.values():
+        default = MISSING if p.default is p.empty else p.default
+        fields.append((p.name, _config_type(hints.get(p.name, Any)), _default(default)))
+    return make_dataclass(name, fields)
 
 
 def _config_type(hint: Any) -> Any:
@@ -148,6 +160,8 @@ def register() -> None:
         method = type(get_recovery(name).method)
         cs.store(group="schema/recover", name=name, node=schema(
             f"{name}_recovery", method, extra=(("name", str, name),), bases=(RecoverConfig,)))
+    for name in list_loggers():
+        cs.store(group="schema/logger", name=name, node=constructor_schema(f"{name}_logger", LOGGERS.get(name)))
     if not OmegaConf.has_resolver("qsfm.dirname"):
         OmegaConf.register_new_resolver("qsfm.dirname", path_safe)
 

@@ -156,8 +156,9 @@ def inherited(group: str, option: str, parents: list) -> dict:
     if parents and not str(parents[0]).startswith("/schema/"):
         return OmegaConf.to_container(composed(f"{group}={parents[0]}")[group], resolve=False)
     if parents:
-        path = str(parents[0]).removeprefix("/").split("@")[0]
-        return OmegaConf.to_container(OmegaConf.create(ConfigStore.instance().load(f"{path}.yaml").node))
+        path, _, package = str(parents[0]).removeprefix("/").partition("@")
+        node = OmegaConf.to_container(OmegaConf.create(ConfigStore.instance().load(f"{path}.yaml").node))
+        return node if package in ("", "_here_") else {package: node}
     if group == "model":
         return OmegaConf.to_container(OmegaConf.structured(ModelConfig))
     return OmegaConf.to_container(OmegaConf.structured(RunConfig)[group])
@@ -167,7 +168,7 @@ def inherited(group: str, option: str, parents: list) -> dict:
 PINNED = {("finetune", "baseline"), ("finetune", "chip"), ("finetune", "hrank")}
 
 
-@pytest.mark.parametrize("group", ["dataset", "scorer", "prune", "recover", "finetune", "model"])
+@pytest.mark.parametrize("group", ["dataset", "scorer", "prune", "recover", "finetune", "model", "logger"])
 def test_options_set_only_what_differs_from_what_they_extend(group):
     for option in (o for o in options(group) if (group, o) not in PINNED):
         raw = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"), resolve=False)
