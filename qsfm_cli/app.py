@@ -29,11 +29,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import config, distributed, outputs, papers
+from .collect import CollectSpec
 from .data import identity
+from .distributed import resolve_device
+from .evaluate import EvalSpec
 from .export import ExportSpec
 from .loggers import Loggers
 from .models import default_normalization
-from .pipeline import CollectSpec, EvalSpec, Experiment, check_seed, resolve_device, run_experiment
+from .pipeline import Experiment, check_seed, run_experiment
 from .plan import PlanSpec
 from .record import FAILED, OK, RunRecord, error_text
 from .train import Execution, TrainRecipe

@@ -15,9 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import checkpoints
 from .cache import Cache, fingerprint
 from .data import ImageSet
-from .models import create_model
+from .models import create_model, pretrained_url
+from .models.torchvision_models import load_pretrained
 from .train import STATE_FILE, Execution, TrainRecipe, train
 
 log = logging.getLogger(__name__)
@@ -66,3 +68,26 @@ def trained_baseline(model_name: str, num_classes: int, train_set: ImageSet, tes
         log.info("baseline %s: cache hit %s (test top-1 %s)", model_name, cache.path(KIND, key),
                  "n/a" if top1 is None else f"{top1:.2f}%")
     return model.to(device)
+
+
+def load_baseline(model_name: str, train_set: ImageSet, test_set: ImageSet | None, *,
+                  model_kwargs: dict[str, Any] | None = None, checkpoint: str | None = None,
+                  pretrained: bool = False, allow_pickle: bool = False, recipe: TrainRecipe | None = None,
+                  seed: int = 0, device: str | torch.device = "cpu", cache_dir: Path,
+                  execution: Execution | None = None, progress: bool = True) -> nn.Module:
+    """Baseline stage: the unpruned model with its weights, from ``checkpoint`` (a file or URL), the
+    model's public weights (``pretrained``), or trained once with ``recipe`` (``trained_baseline``)."""
+    kwargs = dict(model_kwargs or {})
+    model = create_model(model_name, num_classes=train_set.num_classes, **kwargs)
+    if checkpoint:
+        return checkpoints.load_weights(model, checkpoint, allow_pickle=allow_pickle)
+    if pretrained and model_name.startswith("tv_"):
+        return load_pretrained(model, model_name)     # torchvision's own weights API
+    if pretrained:
+        return checkpoints.load_weights(model, pretrained_url(model_name))
+    if recipe is not None:
+        return trained_baseline(model_name, train_set.num_classes, train_set, test_set, recipe, seed=seed,
+                                device=device, cache_dir=cache_dir, model_kwargs=kwargs, execution=execution,
+                                progress=progress)
+    raise ValueError(f"model {model_name!r} has no weights: set model.checkpoint=PATH_OR_URL, "
+                     f"model.pretrained=true, or baseline.train=true")

@@ -6,11 +6,13 @@ compute it twice.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from filelock import FileLock
@@ -93,3 +95,33 @@ class Cache:
             atomic_write(path, lambda f: torch.save(value, f))
             log.info("cache miss: %s/%s (stored)", kind, key)
             return value, False
+
+
+class RunContext:
+    """What a run carries from stage to stage beside its data: the cache, where the time went
+    (``timings``, seconds per stage) and what the cache served (``cache_status``, hit/miss per entry kind)."""
+
+    def __init__(self, cache: Cache):
+        self.cache = cache
+        self.timings: dict[str, float] = {}
+        self.cache_status: dict[str, str] = {}
+        self._nested: list[float] = []   # per open stage, the seconds spent in the stages opened inside it
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the block as stage ``name``, net of any stage timed inside it (time adds up over calls)."""
+        start = time.perf_counter()
+        self._nested.append(0.0)
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.timings[name] = self.timings.get(name, 0.0) + elapsed - self._nested.pop()
+            if self._nested:
+                self._nested[-1] += elapsed
+
+    def cached(self, kind: str, key: str, compute: Callable[[], T], status: str | None = None) -> T:
+        """``cache.get_or_compute``, noting hit or miss under ``status`` (default: ``kind``)."""
+        value, hit = self.cache.get_or_compute(kind, key, compute)
+        self.cache_status[status or kind] = "hit" if hit else "miss"
+        return value

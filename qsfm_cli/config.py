@@ -18,11 +18,12 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from .collect import CollectSpec
 from .data import CifarSpec, DigitsSpec, FakeSpec
+from .evaluate import EvalSpec
 from .export import ExportSpec
 from .imagefolder import ImageFolderSpec
 from .loggers import LOGGERS, list_loggers
-from .pipeline import CollectSpec, EvalSpec
 from .plan import PlanSpec
 from .recover import RecoverySpec, get_recovery, list_recoveries
 from .scoring import get_scorer, list_scorers

@@ -135,3 +135,18 @@ def hydra_overrides() -> list[str]:
         return []
     return ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING",
             f"hydra.job_logging.formatters.simple.format='[rank {ctx.rank}] %(levelname)s %(message)s'"]
+
+
+def resolve_device(name: str, slot: int = 0) -> torch.device:
+    """``auto`` picks CUDA when available, GPU ``slot`` mod the number of GPUs (job k of a sweep whose jobs
+    run at once on one machine takes GPU k mod n); anything else must name a usable torch device."""
+    if name == "auto":
+        return torch.device(f"cuda:{slot % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name}; accepted: auto, cpu, cuda, cuda:N, mps") from None
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, True):
+        raise ValueError(f"device {name!r} requested but {device.type} is not available; accepted here: auto, cpu")
+    return device

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import platform
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .cache import Cache, fingerprint
+from .cache import Cache, fingerprint, model_fingerprint
 from .counting import count_macs, count_params
 from .data import ImageSet
-from .latency import RUNTIMES, PairLatency, measure_pair, model_latency
+from .latency import MIN_REPEATS, RUNTIMES, PairLatency, measure_pair, model_latency
 from .loaders import input_shape, make_loader
 from .record import Metrics
 
@@ -161,3 +161,57 @@ def _machine(runtimes: Sequence[str]) -> dict[str, object]:
 
         machine["onnxruntime"] = onnxruntime.__version__
     return machine
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """The ``eval`` config node: the accuracy batch, and the batch sizes, repeats and runtimes of the
+    latency (base and pruned timed together, ``latency.measure_pair``); ``select_images`` held-out training
+    images on which the final model is compared with the unpruned one (0: off), to choose recipes by."""
+
+    batch_size: int = 500
+    latency_batches: tuple[int, ...] = (1, 64)
+    latency_repeats: int = 20
+    runtimes: tuple[str, ...] = ("torch",)
+    select_images: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "latency_batches", tuple(self.latency_batches))
+        object.__setattr__(self, "runtimes", tuple(self.runtimes))
+        if not self.runtimes or any(r not in RUNTIMES for r in self.runtimes):
+            raise ValueError(f"eval.runtimes={list(self.runtimes)}; accepted: one or more of {', '.join(RUNTIMES)}")
+        if self.batch_size < 1:
+            raise ValueError(f"eval.batch_size={self.batch_size}; accepted: >= 1")
+        if self.latency_repeats < 1:
+            raise ValueError(f"eval.latency_repeats={self.latency_repeats}; accepted: >= 1")
+        if self.latency_batches and self.latency_repeats < MIN_REPEATS:
+            raise ValueError(f"eval.latency_repeats={self.latency_repeats}; accepted: >= {MIN_REPEATS} (a spread "
+                             f"needs them)")
+        if self.select_images < 0:
+            raise ValueError(f"eval.select_images={self.select_images}; accepted: >= 0 (0: off)")
+        if any(b < 1 for b in self.latency_batches):
+            raise ValueError(f"eval.latency_batches={list(self.latency_batches)}; accepted: batch sizes >= 1 "
+                             f"(an empty list measures no latency)")
+
+
+def evaluate_stage(base: nn.Module, pruned: nn.Module, test_set: ImageSet | FolderSet, spec: EvalSpec,
+                   cache: Cache, *, device: str | torch.device = "cpu", progress: bool = False
+                   ) -> tuple[Metrics, Metrics, list[PairLatency]]:
+    """Evaluate stage: both models' metrics, their latencies timed together per runtime; the accuracy of a
+    model already seen on these test images, and the latency of a pair of architectures already timed on
+    this machine with the same settings, come from the cache."""
+    def cached_accuracy(model: nn.Module) -> tuple[float, float]:
+        def measure() -> list[float]:
+            return list(accuracy(model, test_set, device=device, batch_size=spec.batch_size, progress=progress))
+
+        key = fingerprint("accuracy", model_fingerprint(model), test_set.content_key(), test_set.mean,
+                          test_set.std)
+        return tuple(cache.get_or_compute("accuracy", key, measure)[0])
+
+    known = (cached_accuracy(base), cached_accuracy(pruned))
+    if not spec.latency_batches:
+        return (*(evaluate(m, test_set, device=device, latency_batches=(), known_accuracy=acc)
+                  for m, acc in zip((base, pruned), known)), [])
+    return evaluate_pair(base, pruned, test_set, device=device, latency_batches=spec.latency_batches,
+                         latency_repeats=spec.latency_repeats, runtimes=spec.runtimes, batch_size=spec.batch_size,
+                         known_accuracy=known, cache=cache)

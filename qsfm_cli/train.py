@@ -37,8 +37,10 @@ from tqdm.auto import tqdm
 from . import distributed
 from .cache import model_fingerprint
 from .data import ImageSet
-from .loaders import PATHS, DeviceLoader, TorchvisionLoader, make_loader
+from .evaluate import accuracy
 from .files import atomic_write
+from .loaders import PATHS, DeviceLoader, TorchvisionLoader, make_loader
+from .record import Metrics
 
 if TYPE_CHECKING:
     from .imagefolder import FolderSet
@@ -516,6 +518,22 @@ class _Trainer:
     def _write_log(self) -> None:
         if self.run_dir is not None and self.ctx.is_main:
             atomic_write(self.run_dir / LOG_FILE, lambda f: f.write(_csv_text(self.history).encode()))
+
+
+def finetune(pruned: nn.Module, after_prune: Metrics, recipe: TrainRecipe, train_set: ImageSet | FolderSet,
+             test_set: ImageSet | FolderSet, *, seed: int, device: str | torch.device = "cpu",
+             execution: Execution | None = None, run_dir: Path | None = None, resume: bool = False,
+             progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+             batch_size: int = 500) -> Metrics:
+    """Fine-tune stage: ``pruned`` trained in place with ``recipe`` (nothing when it has no epochs); returns
+    ``after_prune`` with the accuracy measured after training on ``test_set`` in batches of ``batch_size``.
+    Fine-tuning changes weights, not shapes: MACs, params and latency stay those of the pruned model."""
+    if recipe.epochs == 0:
+        return after_prune
+    train(pruned, train_set, test_set, recipe, device=device, seed=seed, execution=execution, run_dir=run_dir,
+          resume=resume, progress=progress, on_epoch=on_epoch)
+    top1, top5 = accuracy(pruned, test_set, device=device, batch_size=batch_size, progress=progress)
+    return replace(after_prune, top1=top1, top5=top5)
 
 
 def check_resumable(run_dir: Path, recipe: TrainRecipe, seed: int) -> None:

@@ -4,67 +4,59 @@
     python scripts/bench_recover.py ... --test-images 1000 --images 256 --steps 50     # a quick look
     python scripts/bench_recover.py ... --allocation uniform sensitivity              # also per-set ratios
 
-Per scorer (``--scorers``): statistics of the public checkpoint on ``--collect-images`` training images,
-the removal orders, and per allocation (``--allocation``) one plan removing 48.27% of the MACs
+The run's own stage functions, without the pipeline's cache: per scorer (``--scorers``) the collect and
+score stages on ``--collect-images`` training images of the public checkpoint (with the statistics every
+recovery asks for); per allocation (``--allocation``) the plan stage removing 48.27% of the MACs
 (``PlanSpec(target_macs_reduction=0.4827, allocation=...)``; ``sensitivity`` measures each set's
 divergence from the unpruned network on 256 held-out training images, no labels, pruned without
-compensation); then each recovery (``--methods``)
-applied to its own copy of the pruned model, the wall time of the recovery alone, and top-1 on
-``--test-images`` CIFAR-10 test images (all 10,000 by default, else a seeded sample). ``lstsq+bn`` is the
-moments fold of ``qsfm_cli.recover.compensate`` then BatchNorm re-estimation on the calibration images;
-``sequential`` and ``blockwise`` run with their defaults except what ``--images``, ``--batch-size``,
-``--steps``, ``--lr`` set. Calibration: ``--images`` training images drawn with ``--seed``, no labels.
-``--json`` writes the rows.
+compensation); then, per recovery (``--methods``), the
+prune and recover stages on their own copy of the model, their wall time, and top-1 on ``--test-images``
+CIFAR-10 test images (all 10,000 by default, else a seeded sample). ``lstsq+bn`` is ``recover=lstsq`` with
+``recover.bn_images=--images``; ``sequential`` and ``blockwise`` run with their defaults except what
+``--images``, ``--batch-size``, ``--steps``, ``--lr`` set. Calibration: training images drawn with
+``--seed``, no labels. ``--json`` writes the rows.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from qsfm_cli.checkpoints import PRETRAINED_MEAN, PRETRAINED_STD, load_weights
-from qsfm_cli.collect import collect_stats
-from qsfm_cli.data import load_dataset
+from qsfm_cli.baseline import load_baseline
+from qsfm_cli.cache import Cache, RunContext
+from qsfm_cli.collect import CollectSpec, collect_stage, content_key
 from qsfm_cli.counting import count_macs, count_params
-from qsfm_cli.evaluate import accuracy, divergence_from
-from qsfm_cli.models import create_model
+from qsfm_cli.data import load_dataset
+from qsfm_cli.evaluate import accuracy
 from qsfm_cli.files import atomic_write
-from qsfm_cli.plan import ALLOCATIONS, PlanSpec, make_keep
-from qsfm_cli.pruning import apply_keep, channel_sets
-from qsfm_cli.recover import get_recovery, recalibrate_bn
-from qsfm_cli.recover.compensate import compensate
-from qsfm_cli.scoring import get_scorer
-from qsfm_cli.scoring.base import StatRequest
+from qsfm_cli.models import default_normalization
+from qsfm_cli.plan import ALLOCATIONS, PlanSpec, plan_stage
+from qsfm_cli.pruning import channel_sets
+from qsfm_cli.recover import RecoverySpec, get_recovery, prune_and_recover
+from qsfm_cli.scoring import get_scorer, score_stage
 
 METHODS = ("none", "lstsq+bn", "sequential", "blockwise")
 TARGET = 0.4827
 SENSITIVITY_IMAGES = 256
 
 
-def recover(method: str, model, keep, sets, stats, orders, calib, example, args) -> torch.nn.Module:
-    """A fresh pruned copy of ``model`` repaired by ``method``."""
-    if method == "none":
-        return apply_keep(model, keep, example).eval()
+def recovery_spec(method: str, args: argparse.Namespace) -> RecoverySpec:
+    """The ``recover`` config of ``method`` with what the command line sets."""
     if method == "lstsq+bn":
-        folded = copy.deepcopy(model)
-        compensate(folded, sets, stats, orders, keep, "lstsq")
-        return recalibrate_bn(apply_keep(folded, keep, example), calib, len(calib), device=args.device)
-    given = {"images": args.images, "batch_size": args.batch_size}
+        return get_recovery("lstsq", bn_images=args.images)
+    given = {"images": args.images, "batch_size": args.batch_size} if method != "none" else {}
     if method == "blockwise":
         given.update(steps=args.steps, lr=args.lr)
-    pruned = apply_keep(model, keep, example).eval()
-    recovery = get_recovery(method, **{k: v for k, v in given.items() if v is not None}).method
-    status = recovery.refit(model, pruned, sets, keep, calib, seed=args.seed, device=args.device,
-                            progress=args.progress)
-    skipped = {k: str(v) for k, v in status.items() if not v.done}
-    if skipped:
-        print(f"  {method}: skipped {skipped}")
-    return pruned
+    return get_recovery(method, **{k: v for k, v in given.items() if v is not None})
+
+
+def no_rescore(*_):
+    raise AssertionError("one prune-and-recover step: nothing is re-scored")
 
 
 def main() -> None:
@@ -90,12 +82,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     train, test = load_dataset("cifar10", args.data, download=False)
-    train, test = (s.with_normalization(PRETRAINED_MEAN, PRETRAINED_STD) for s in (train, test))
+    train, test = (s.with_normalization(*default_normalization("resnet56", "cifar10")) for s in (train, test))
     test = test.sample(args.test_images, seed=args.seed)
-    calib = train.sample(args.images, seed=args.seed)
-    model = load_weights(create_model("resnet56"), args.checkpoint).eval().to(args.device)
+    ctx = RunContext(Cache(tempfile.gettempdir(), enabled=False))
+    model = load_baseline("resnet56", train, test, checkpoint=args.checkpoint, seed=args.seed,
+                          device=args.device, cache_dir=ctx.cache.root).eval().to(args.device)
     example = torch.zeros(1, 3, 32, 32, device=args.device)
     sets = channel_sets(model, example)
+    specs = {method: recovery_spec(method, args) for method in args.methods}
     base_macs, base_params = count_macs(model), count_params(model)
     print(f"ResNet-56, {len(test)} test images, {args.images} calibration images, torch threads "
           f"{torch.get_num_threads()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
@@ -104,20 +98,28 @@ def main() -> None:
     rows = []
     for name in args.scorers:
         scorer = get_scorer(name)
-        stats = collect_stats(model, sets, train.sample(args.collect_images, seed=args.seed),
-                              scorer.requests() | {StatRequest.moments()}, device=args.device,
-                              progress=args.progress)
-        orders = scorer.score(model, sets, stats)
+        images = train.sample(args.collect_images, args.seed)
+        key = content_key(model, sets, images)
+        needs = set().union(*(spec.method.requests() for spec in specs.values()))
+        stats = collect_stage(model, sets, images, [set(scorer.requests()), needs], CollectSpec(len(images)), ctx,
+                              key=key, device=args.device, progress=args.progress)
+        orders, orders_key = score_stage(model, sets, stats, scorer, ctx, key=key)
         for allocation in args.allocation:
-            loss_of = (divergence_from(model, train.held_out(SENSITIVITY_IMAGES, args.seed), device=args.device)
-                       if allocation == "sensitivity" else None)
-            keep, _ = make_keep(orders, sets, PlanSpec(target_macs_reduction=TARGET, allocation=allocation),
-                                model=model, example_input=example, loss_of=loss_of)
-            for method in args.methods:
+            plan = PlanSpec(target_macs_reduction=TARGET, allocation=allocation,
+                            sensitivity_images=SENSITIVITY_IMAGES)
+            removed = plan_stage(model, sets, orders, stats, plan, get_recovery("none").method, ctx, example,
+                                 orders_key=orders_key, device=args.device, progress=args.progress,
+                                 held_out=lambda: train.held_out(SENSITIVITY_IMAGES, args.seed))["removed"]
+            for method, spec in specs.items():
                 start = time.perf_counter()
-                repaired = recover(method, model, keep, sets, stats, orders, calib, example, args)
+                repaired, status = prune_and_recover(model, sets, orders, stats, removed, spec, train, ctx, example,
+                                                     rescore=no_rescore, seed=args.seed, device=args.device,
+                                                     progress=args.progress)
                 seconds = time.perf_counter() - start
-                top1, _ = accuracy(repaired, test, device=args.device)
+                skipped = {k: str(v) for k, v in status.items() if not v.done}
+                if skipped:
+                    print(f"  {method}: skipped {skipped}")
+                top1, _ = accuracy(repaired.eval(), test, device=args.device)
                 row = {"scorer": name, "allocation": allocation, "recovery": method, "top1": top1,
                        "macs_reduction": 100 * (1 - count_macs(repaired) / base_macs),
                        "params_reduction": 100 * (1 - count_params(repaired) / base_params),

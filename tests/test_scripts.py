@@ -20,12 +20,7 @@ def test_the_scripts_are_found():
     assert "bench_recover.py" in {p.name for p in PYTHON} and "scorer_table.sh" in {p.name for p in SHELL}
 
 
-# bench_recover.py imports names that moved (issue 18); its rewrite removes this mark.
-BROKEN = {"bench_recover.py": pytest.mark.xfail(raises=ImportError, strict=True, reason="imports moved names")}
-
-
-@pytest.mark.parametrize("script", [pytest.param(p, marks=BROKEN.get(p.name, ())) for p in PYTHON],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("script", PYTHON, ids=lambda p: p.name)
 def test_python_script_imports_and_prints_help(script, monkeypatch, capsys):
     """In this process (cheap): the script's imports resolve and its argument parser answers ``--help``."""
     monkeypatch.setattr(sys, "argv", [str(script), "--help"])

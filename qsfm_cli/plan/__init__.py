@@ -24,54 +24,23 @@ Every protocol's counts are then settled the same way (``base.settle``): a set k
 than the set: a set that cannot keep fewer than its size under these rules is left whole).
 
 The planner never edits weights and loads no data; it builds pruned copies only to count their MACs
-(``evaluate.MacsMeter``) and, for the sensitivity table, to measure them with the loss it is given.
+(``counting.MacsMeter``) and, for the sensitivity table, to measure them with the loss it is given.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
-
-import torch
-from torch import nn
-
 from ..counting import MacsMeter
 from ..registry import import_modules
-from ..types import ChannelSet, Keep, Orders
-from .base import PROTOCOLS, PlanContext, Strategy, keep_from_counts, register_protocol, removed_count, settle
+from .base import PROTOCOLS, PlanContext, Strategy, keep_from_counts, make_keep, register_protocol, removed_count, \
+    settle
 
 import_modules(__name__, __path__)   # each protocol registers itself when its module is imported
 
 from .rates import MAX_RATES, parse_rates  # noqa: E402
 from .sensitivity import format_sensitivity, measure_sensitivity  # noqa: E402
 from .spec import DEFAULT_GRID, PlanSpec  # noqa: E402
+from .stage import plan_stage  # noqa: E402
 from .target import ALLOCATIONS, TOLERANCE  # noqa: E402
 
 __all__ = ["ALLOCATIONS", "DEFAULT_GRID", "MAX_RATES", "PROTOCOLS", "TOLERANCE", "MacsMeter", "PlanContext",
            "PlanSpec", "Strategy", "format_sensitivity", "keep_from_counts", "make_keep", "measure_sensitivity",
-           "parse_rates", "register_protocol", "removed_count", "settle"]
-
-
-def make_keep(orders: Orders, sets: list[ChannelSet], plan: PlanSpec, *, model: nn.Module | None = None,
-              example_input: torch.Tensor | None = None,
-              loss_of: Callable[[nn.Module], float] | None = None,
-              prune_fn: Callable[[Keep], nn.Module] | None = None,
-              sensitivity: dict | None = None, prepared: Any = None,
-              progress: bool = False) -> tuple[Keep, dict[str, Any]]:
-    """Kept channel indices of every set in ``sets``, and a JSON-able record of the plan.
-
-    ``model``/``example_input`` are needed by the MACs target (and give the paper rate layouts);
-    ``loss_of`` (e.g. ``evaluate.divergence_from``) by ``allocation=sensitivity``, which prunes through
-    ``prune_fn`` (default: ``apply_keep`` without compensation) and reuses a ``sensitivity`` table when
-    given; ``prepared`` is what the protocol's ``prepare`` measured (``prune.target_speedup``: the latency
-    table); ``progress`` shows a bar while the sensitivity table is measured. The record holds the removal counts,
-    what a search reached, notes, and the sensitivity table.
-    """
-    missing = [s.name for s in sets if s.name not in orders]
-    if missing:
-        raise ValueError(f"no removal order for channel set(s) {', '.join(missing)}")
-    plan.validate(sets)
-    ctx = PlanContext(orders, sets, plan, model=model, example_input=example_input, loss_of=loss_of,
-                      prune_fn=prune_fn, sensitivity=sensitivity, progress=progress, prepared=prepared)
-    counts, found = plan.strategy.counts(ctx)
-    counts = ctx.settled(counts)   # settling is idempotent: counts a protocol settled itself stay as they are
-    info: dict[str, Any] = {"protocol": plan.protocol, "notes": [], **found, "removed": counts}
-    return keep_from_counts(orders, sets, counts), info
+           "parse_rates", "plan_stage", "register_protocol", "removed_count", "settle"]

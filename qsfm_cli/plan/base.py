@@ -126,6 +126,11 @@ class Strategy:
     def validate(self, spec: PlanSpec, sets: list[ChannelSet], model: nn.Module | None) -> None:
         """Checks that need the channel sets (and, where given, the model), before any statistics."""
 
+    def needs_sensitivity(self, spec: PlanSpec) -> bool:
+        """Whether the plan reads a sensitivity table (``PlanContext.sensitivity``), which the caller
+        measures first with the recovery's sensitivity fold in force."""
+        return False
+
     def prepare(self, spec: PlanSpec, model: nn.Module, example: torch.Tensor, sets: list[ChannelSet],
                 cached: Callable[[str, str, Callable[[], Any]], Any], *, device: str | torch.device = "cpu",
                 progress: bool = False) -> Any:
@@ -153,3 +158,30 @@ def register_protocol(cls: type[Strategy]) -> type[Strategy]:
     """Class decorator: make a protocol available to ``PlanSpec`` under ``cls.name``."""
     PROTOCOLS.register(cls())
     return cls
+
+
+def make_keep(orders: Orders, sets: list[ChannelSet], plan: PlanSpec, *, model: nn.Module | None = None,
+              example_input: torch.Tensor | None = None,
+              loss_of: Callable[[nn.Module], float] | None = None,
+              prune_fn: Callable[[Keep], nn.Module] | None = None,
+              sensitivity: dict | None = None, prepared: Any = None,
+              progress: bool = False) -> tuple[Keep, dict[str, Any]]:
+    """Kept channel indices of every set in ``sets``, and a JSON-able record of the plan.
+
+    ``model``/``example_input`` are needed by the MACs target (and give the paper rate layouts);
+    ``loss_of`` (e.g. ``evaluate.divergence_from``) by ``allocation=sensitivity``, which prunes through
+    ``prune_fn`` (default: ``apply_keep`` without compensation) and reuses a ``sensitivity`` table when
+    given; ``prepared`` is what the protocol's ``prepare`` measured (``prune.target_speedup``: the latency
+    table); ``progress`` shows a bar while the sensitivity table is measured. The record holds the removal counts,
+    what a search reached, notes, and the sensitivity table.
+    """
+    missing = [s.name for s in sets if s.name not in orders]
+    if missing:
+        raise ValueError(f"no removal order for channel set(s) {', '.join(missing)}")
+    plan.validate(sets)
+    ctx = PlanContext(orders, sets, plan, model=model, example_input=example_input, loss_of=loss_of,
+                      prune_fn=prune_fn, sensitivity=sensitivity, progress=progress, prepared=prepared)
+    counts, found = plan.strategy.counts(ctx)
+    counts = ctx.settled(counts)   # settling is idempotent: counts a protocol settled itself stay as they are
+    info: dict[str, Any] = {"protocol": plan.protocol, "notes": [], **found, "removed": counts}
+    return keep_from_counts(orders, sets, counts), info

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numbers
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Protocol, Sequence
 
 from torch import nn
@@ -14,6 +14,9 @@ from ..types import ChannelSet
 from .base import PROTOCOLS, Strategy, smallest_kept
 
 DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# Marks a field that only chooses how many channels each set loses: a sensitivity table (every set pruned
+# alone at every ratio of the grid) does not depend on it, so one table serves every target.
+COUNTS_ONLY = {"counts_only": True}
 
 
 class ScorerTraits(Protocol):
@@ -31,19 +34,19 @@ class PlanSpec:
     neither), then its range, so a bad value fails before any statistics are collected.
     """
 
-    ratio: float = 0.5
-    rates: str | tuple[float, ...] | None = None
-    rate_layout: str | None = None
-    threshold: float | None = None
-    target_macs_reduction: float | None = None
-    target_params_reduction: float | None = None
-    allocation: str = "uniform"
+    ratio: float = field(default=0.5, metadata=COUNTS_ONLY)
+    rates: str | tuple[float, ...] | None = field(default=None, metadata=COUNTS_ONLY)
+    rate_layout: str | None = field(default=None, metadata=COUNTS_ONLY)
+    threshold: float | None = field(default=None, metadata=COUNTS_ONLY)
+    target_macs_reduction: float | None = field(default=None, metadata=COUNTS_ONLY)
+    target_params_reduction: float | None = field(default=None, metadata=COUNTS_ONLY)
+    allocation: str = field(default="uniform", metadata=COUNTS_ONLY)
     sensitivity_grid: tuple[float, ...] = DEFAULT_GRID
     sensitivity_images: int = 256
     scope: str = "default"
     min_channels: int = 1
     round_to: int = 1
-    target_speedup: float | None = None
+    target_speedup: float | None = field(default=None, metadata=COUNTS_ONLY)
     latency_runtime: str = "onnxruntime"
     latency_batch: int = 64
     latency_threads: int = 1
@@ -96,6 +99,16 @@ class PlanSpec:
     def uses_threshold(self) -> bool:
         """Whether the plan compares the scorer's ``Order.values`` with a threshold."""
         return self.strategy.uses_threshold(self)
+
+    @property
+    def needs_sensitivity(self) -> bool:
+        """Whether the plan reads a sensitivity table, measured before it (``plan_stage``)."""
+        return self.strategy.needs_sensitivity(self)
+
+    def sensitivity_key(self) -> dict[str, Any]:
+        """What a sensitivity table measured under this plan depends on: every field but those marked
+        ``COUNTS_ONLY``, so a field added later is part of the key unless it is marked."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("counts_only")}
 
     def describe(self) -> dict[str, Any]:
         """The fields a results row shows (scalars and strings only, so that reports can group on them)."""

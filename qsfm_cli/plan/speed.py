@@ -59,6 +59,9 @@ class Speed(Strategy):
             raise ValueError(f"prune.allocation={spec.allocation} with prune.target_speedup; accepted: "
                              f"{', '.join(ALLOCATIONS)}")
 
+    def needs_sensitivity(self, spec: PlanSpec) -> bool:
+        return spec.allocation == "sensitivity"
+
     def prepare(self, spec: PlanSpec, model: nn.Module, example: torch.Tensor, sets: list[ChannelSet],
                 cached: Callable[[str, str, Callable[[], Any]], Any], *, device: str | torch.device = "cpu",
                 progress: bool = False) -> dict[str, Any]:

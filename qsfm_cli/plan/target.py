@@ -44,6 +44,9 @@ class Target(Strategy):
     def uses_threshold(self, spec: PlanSpec) -> bool:
         return spec.allocation == "threshold"
 
+    def needs_sensitivity(self, spec: PlanSpec) -> bool:
+        return spec.allocation == "sensitivity"
+
     def counts(self, ctx: PlanContext) -> tuple[Counts, dict[str, Any]]:
         ctx.needs_model()
         if ctx.spec.allocation == "sensitivity":

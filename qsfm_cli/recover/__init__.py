@@ -12,5 +12,7 @@ from .bn import recalibrate_bn
 
 import_modules(__name__, __path__)
 
-__all__ = ["RECOVERIES", "Recovery", "RecoverySpec", "get_recovery", "list_recoveries", "recalibrate_bn",
-           "register_recovery"]
+from .stage import cached_prune_and_recover, prune_and_recover  # noqa: E402
+
+__all__ = ["RECOVERIES", "Recovery", "RecoverySpec", "cached_prune_and_recover", "get_recovery", "list_recoveries",
+           "prune_and_recover", "recalibrate_bn", "register_recovery"]

@@ -1,6 +1,7 @@
 """What every recovery shares: its interface and the settings that apply whatever the method."""
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -29,12 +30,38 @@ class Recovery:
 
     name: ClassVar[str] = ""
     calibration_images: ClassVar[int] = 0     # images ``refit`` needs; 0: it needs none
+    repairs: ClassVar[bool] = True            # False: the network is left as pruning leaves it
 
     def options(self) -> dict[str, Any]:
         return asdict(self)
 
     def requests(self) -> set[StatRequest]:
         return set()
+
+    def requests_with(self, sensitivity: bool) -> set[StatRequest]:
+        """The statistics to collect for this recovery: its own ``requests()`` and, when the plan measures
+        a sensitivity table (``sensitivity``), those of its ``sensitivity_fold()``."""
+        return set(self.requests()) | (self.sensitivity_fold().requests() if sensitivity else set())
+
+    @property
+    def has_fold(self) -> bool:
+        return type(self).fold is not Recovery.fold
+
+    def fold_key(self) -> tuple[str, dict[str, Any]] | None:
+        """What a model edited by this method's fold depends on beyond its inputs (None: no fold)."""
+        return (self.name, self.options()) if self.has_fold else None
+
+    def folded(self, model: nn.Module, sets: list[ChannelSet], stats: dict[str, LayerStats], orders: Orders,
+               keep: Keep, status: dict[str, SetStatus] | None = None) -> nn.Module:
+        """A copy of ``model`` with the fold applied for ``keep`` (``model`` itself when the method has no
+        fold); what the fold did per set goes into ``status``."""
+        if not self.has_fold:
+            return model
+        edited = copy.deepcopy(model)
+        done = self.fold(edited, sets, stats, orders, keep)
+        if status is not None:
+            status.update(done)
+        return edited
 
     def fold(self, model: nn.Module, sets: list[ChannelSet], stats: dict[str, LayerStats], orders: Orders,
              keep: Keep) -> dict[str, SetStatus]:
@@ -63,6 +90,7 @@ class NoRecovery(Recovery):
     """The pruned network as it comes out of pruning: the method's raw output."""
 
     name = "none"
+    repairs = False
 
 
 @dataclass(frozen=True)
@@ -98,6 +126,12 @@ class RecoverySpec:
             raise ValueError(f"recover.{bad}={getattr(self, bad)}; accepted: >= 1")
         if not self.distill_lr > 0:
             raise ValueError(f"recover.distill_lr={self.distill_lr}; accepted: > 0")
+
+    @property
+    def is_raw(self) -> bool:
+        """Whether the pruned network is left as pruning leaves it (label "none")."""
+        return (not self.method.repairs and not self.bn_images and not self.distill_steps
+                and self.iterative_steps == 1)
 
     @property
     def label(self) -> str:

@@ -14,6 +14,8 @@ import_modules(__name__, __path__)
 
 from .qsfm import qsfm_order  # noqa: E402
 from .simscore import simscore_order  # noqa: E402
+from .stage import score_stage  # noqa: E402
 
 __all__ = ["METRICS", "SCORERS", "Scorer", "StatRequest", "get_scorer", "list_scorers", "qsfm_order",
-           "register_scorer", "similarity_matrix", "similarity_sums", "simscore_order", "threshold_scorers"]
+           "register_scorer", "score_stage", "similarity_matrix", "similarity_sums", "simscore_order",
+           "threshold_scorers"]
