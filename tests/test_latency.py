@@ -108,6 +108,7 @@ def test_evaluate_pair_fills_each_models_latency_from_one_paired_measurement(pai
         evaluate_pair(*pair, test, runtimes=("torch", "trt"))
 
 
+@pytest.mark.slow
 def test_a_pair_of_architectures_is_timed_once_per_machine_and_settings(tmp_path, monkeypatch):
     from qsfm_cli import evaluate
     from qsfm_cli.cache import Cache
