@@ -104,6 +104,7 @@ def run_code(blocks: list[str]) -> dict:
     return namespace
 
 
+@pytest.mark.slow
 def test_python_md_runs(tmp_path, monkeypatch, capsys):
     """docs/python.md's ``python`` blocks as one script, offline (digits, a small ResNet), in an empty
     directory: it prunes and prints the base and pruned metrics."""

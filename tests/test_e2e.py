@@ -63,6 +63,7 @@ def test_load_pruned_round_trips_to_identical_outputs(smoke_run, tmp_path):
     assert model.conv1.out_channels == 4 and model.layer1[0].conv1.out_channels == 2
 
 
+@pytest.mark.slow
 def test_same_config_prunes_the_same_channels(tmp_path):
     first = run_experiment(experiment(tmp_path / "a", "scorer=random"))
     second = run_experiment(experiment(tmp_path / "b", "scorer=random"))

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import sys
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 from qsfm_cli import config
@@ -63,6 +64,7 @@ def add_module(tmp_path, name: str, source: str) -> None:
     spec.loader.exec_module(module)
 
 
+@pytest.mark.slow
 def test_a_scorer_and_a_recovery_added_by_the_documented_steps_run_end_to_end(tmp_path):
     conf = tmp_path / "conf"
     (conf / "scorer").mkdir(parents=True)
