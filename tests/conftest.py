@@ -32,6 +32,21 @@ def qsfm_run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=HANG_GUARD_S)
 
 
+def qsfm_run_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, list[str]]:
+    """``qsfm-run ARGS`` in this process (no interpreter start-up): its exit code and its stderr lines."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from qsfm_cli import app
+
+    monkeypatch.setattr(sys, "argv", ["qsfm-run", *args])
+    try:
+        with pytest.raises(SystemExit) as stop:
+            app.main()
+    finally:
+        GlobalHydra.instance().clear()
+    return stop.value.code, capsys.readouterr().err.strip().splitlines()
+
+
 def assert_png(path: Path) -> None:
     """A real PNG image of some size, not an empty or broken file."""
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

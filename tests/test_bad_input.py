@@ -17,7 +17,7 @@ from qsfm_cli.app import build_experiment, config_dir
 from qsfm_cli.record import RunRecord
 from qsfm_cli.recover import list_recoveries
 
-from .conftest import HANG_GUARD_S, qsfm_run
+from .conftest import HANG_GUARD_S, qsfm_run, qsfm_run_in_process
 
 SMOKE = ("experiment=smoke", "progress=false")
 
@@ -288,21 +288,6 @@ def test_report_into_an_unwritable_folder_is_one_line(finished: Path, tmp_path: 
     (tmp_path / "file").write_text("")
     code, line = report_exit([str(finished), "--out", str(tmp_path / "file" / "out")], capsys)
     assert code == 2 and line.startswith(f"qsfm-report: error: cannot write {tmp_path / 'file'}")
-
-
-def qsfm_run_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, list[str]]:
-    """``qsfm-run ARGS`` in this process (no interpreter start-up): its exit code and stderr lines."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from qsfm_cli import app
-
-    monkeypatch.setattr(sys, "argv", ["qsfm-run", *args])
-    try:
-        with pytest.raises(SystemExit) as stop:
-            app.main()
-    finally:
-        GlobalHydra.instance().clear()
-    return stop.value.code, capsys.readouterr().err.strip().splitlines()
 
 
 class Payload:

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 
 from qsfm_cli.loggers import (CSVLogger, Loggers, flatten_numeric, flatten_params, get_logger, list_loggers)
 
-from .conftest import HANG_GUARD_S
+from .conftest import HANG_GUARD_S, qsfm_run_in_process
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PARAMS = {"model": {"name": "resnet20"}, "prune": {"ratio": 0.5, "rates": [0.1, 0.2]}, "seed": 0}
@@ -195,20 +195,6 @@ def test_config_group_builds_each_logger(option, tmp_path):
 
 
 # --- a logger that cannot start: one line, exit code 2, the run recorded as failed ---------------------------
-
-def qsfm_run_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, list[str]]:
-    """``qsfm-run ARGS`` in this process: its exit code and its stderr lines."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from qsfm_cli import app
-
-    monkeypatch.setattr("sys.argv", ["qsfm-run", *args])
-    try:
-        with pytest.raises(SystemExit) as stop:
-            app.main()
-    finally:
-        GlobalHydra.instance().clear()
-    return stop.value.code, capsys.readouterr().err.strip().splitlines()
 
 
 def failed_record(run: Path) -> str:

@@ -168,3 +168,22 @@ def get_recovery(name: str = "none", **options) -> RecoverySpec:
     shared = {key: options.pop(key) for key in _SHARED if key in options}
     method = RECOVERIES.build(name, options, also=_SHARED)
     return RecoverySpec(method, **shared)
+
+
+class Tuning:
+    """Parameters made trainable for a bounded tuning (a block's Adam steps, a distillation), put back as
+    they were unless the tuning lowered its error; either way their gradient flags are restored."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.params = params
+        self.saved = [(p.detach().clone(), p.requires_grad) for p in params]
+        for p in params:
+            p.requires_grad_(True)
+
+    @torch.no_grad()
+    def finish(self, keep: bool) -> None:
+        for p, (value, requires_grad) in zip(self.params, self.saved):
+            if not keep:
+                p.copy_(value)
+            p.requires_grad_(requires_grad)
+            p.grad = None

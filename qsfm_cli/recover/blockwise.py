@@ -25,7 +25,7 @@ from torch import nn
 
 from ..data import ImageSet
 from ..types import ChannelSet, Keep, SetStatus
-from .base import register_recovery
+from .base import Tuning, register_recovery
 from .sequential import Block, Sequential, reconstruct
 
 
@@ -48,9 +48,7 @@ def tune_block(pruned: nn.Module, block: Block, x_p: torch.Tensor, y_o: torch.Te
     target = y_o if block.keep is None else y_o[:, block.keep]
     params = [p for name in block.modules for p in pruned.get_submodule(name).parameters()]
     before = block_error(pruned, block, x_p, target, batch_size)
-    saved = [(p.detach().clone(), p.requires_grad) for p in params]
-    for p in params:
-        p.requires_grad_(True)
+    tuning = Tuning(params)
     optimizer = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(seed)
@@ -63,12 +61,7 @@ def tune_block(pruned: nn.Module, block: Block, x_p: torch.Tensor, y_o: torch.Te
             optimizer.step()
             schedule.step()
     after = block_error(pruned, block, x_p, target, batch_size)
-    with torch.no_grad():
-        for p, (value, requires_grad) in zip(params, saved):
-            if not after < before:
-                p.copy_(value)
-            p.requires_grad_(requires_grad)
-            p.grad = None
+    tuning.finish(keep=after < before)
     if not after < before:
         return f"block {block.name}: {steps} Adam steps did not lower its error {before:.4g}, least squares kept"
     return f"block {block.name} error {before:.4g} -> {after:.4g} after {steps} Adam steps"

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..data import ImageSet
 from ..loaders import DeviceLoader
+from .base import Tuning
 
 
 @torch.no_grad()
@@ -37,9 +38,7 @@ def distill(original: nn.Module, pruned: nn.Module, images: ImageSet, *, steps: 
     plain = DeviceLoader(images, batch_size, device=device)
     before = logit_error(original, pruned, plain)
     params = list(pruned.parameters())
-    saved = [(p.detach().clone(), p.requires_grad) for p in params]
-    for p in params:
-        p.requires_grad_(True)
+    tuning = Tuning(params)
     optimizer = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     augmented = DeviceLoader(images, batch_size, device=device, train=True, seed=seed)
@@ -59,12 +58,7 @@ def distill(original: nn.Module, pruned: nn.Module, images: ImageSet, *, steps: 
                     break
             epoch += 1
     after = logit_error(original, pruned, plain)
-    with torch.no_grad():
-        for p, (value, requires_grad) in zip(params, saved):
-            if not after < before:
-                p.copy_(value)
-            p.requires_grad_(requires_grad)
-            p.grad = None
+    tuning.finish(keep=after < before)
     if not after < before:
         return f"distillation: {steps} Adam steps did not lower the logit error {before:.4g}; weights kept"
     return f"distilled: logit error {before:.4g} -> {after:.4g} after {steps} Adam steps on {len(images)} images"
