@@ -8,11 +8,20 @@ Layers of the same shape are timed once (a ResNet stage's blocks share one entry
 network is timed once as well. A pruned network's latency is then predicted as
 
     base_ms - sum over timed layers of (layer at full width - layer at its widths)     (``additive``)
+            + sum over sets inside one block of the block's residual at the set's width
 
 where a layer whose input and output widths belong to two sets (a VGG conv) is at
 ``full * (ms(w_in) / full) * (ms(w_out) / full)`` (``product``, the default: a conv's cost scales with
 both widths), or ``full + (ms(w_in) - full) + (ms(w_out) - full)`` (``additive``). Between grid widths
 the timings are interpolated linearly.
+
+A layer timed alone misses what its width does to the layers around it: ONNX Runtime runs a conv in its
+blocked channel layout only when the input channels are a multiple of the CPU's block (8 or 16) or fewer,
+and a ragged width in the middle of a block adds reorders between layouts on both sides. So a set whose
+changed layers all lie in one of the family's blocks (``pruning.blocks``: a ResNet block, an inverted
+residual) also has its whole block timed at each grid width; the block's change minus the sum of its
+layers' changes is that set's ``residual_ms``, what the layers alone leave out (zero where the layers tell
+the whole story, as under a MACs clock).
 
 ONNX Runtime folds a BatchNormalization into the convolution before it, so there BatchNorms are not
 timed; the other layers are built as one-node ONNX graphs (any other layer type through
@@ -36,12 +45,12 @@ from tqdm.auto import tqdm
 
 from .export import OPSET, onnx_model, onnx_session
 from .latency import MIN_REPEATS, RUNTIMES, interleaved_times, onnx_runner, spread, torch_runner, torch_threads
-from .pruning import apply_keep, architecture
+from .pruning import apply_keep, architecture, blocks
 from .types import ChannelSet
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1                  # bump when the table's layout or what it measures changes
+FORMAT = 2                  # bump when the table's layout or what it measures changes
 PREDICTORS = ("product", "additive")
 _FUSED_IN_ORT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -108,15 +117,28 @@ def build_table(model: nn.Module, example: torch.Tensor, sets: Sequence[ChannelS
     device = torch.device("cpu" if runtime == "onnxruntime" else device)
     cpu_model = model.cpu()
     grids = {s.name: grid_widths(s.size) for s in sets}
-    # Per set and width, the layers whose shapes differ from the unpruned network's, with their input shape.
+    block_paths = [b.path for b in blocks(cpu_model)]
+    # Per set and width, the layers whose shapes differ from the unpruned network's, with their input shape;
+    # per set inside one block, that block at each width, with its input shape.
     variants: dict[str, dict[int, dict[str, tuple[nn.Module, tuple[int, ...]]]]] = {}
+    unit_rows: dict[str, tuple[str, list[tuple]]] = {}      # set -> (its block, signature per grid width)
+    shapes: dict[tuple, tuple[nn.Module, tuple[int, ...]]] = {}
     for s in sets:
-        variants[s.name] = {w: _changed_layers(cpu_model, apply_keep(cpu_model, {s.name: list(range(w))}, example),
-                                               example) for w in grids[s.name] if w < s.size}
+        variants[s.name], row, block = {}, [], None
+        for w in grids[s.name][:-1]:
+            pruned = apply_keep(cpu_model, {s.name: list(range(w))}, example)
+            variants[s.name][w] = _changed_layers(cpu_model, pruned, example)
+            block = block or _holding_block(block_paths, set(variants[s.name][w]))
+            if block is not None:
+                row.append(_block_signature(pruned, block, example))
+        if row:
+            row.append(_block_signature(cpu_model, block, example))
+            for sig, entry in row:
+                shapes.setdefault(sig, entry)
+            unit_rows[s.name] = block, [sig for sig, _ in row]
     full_layers = _layer_inputs(cpu_model, example)
     skip = _FUSED_IN_ORT if runtime == "onnxruntime" else ()
     axes: dict[str, dict[str, list]] = {}            # layer -> set -> signature per grid width
-    shapes: dict[tuple, tuple[nn.Module, tuple[int, ...]]] = {}
     for name, by_width in variants.items():
         for w, layers in by_width.items():
             for layer, (module, shape) in layers.items():
@@ -134,31 +156,57 @@ def build_table(model: nn.Module, example: torch.Tensor, sets: Sequence[ChannelS
             row[-1] = sig
             for i, entry in enumerate(row):   # a width at which this layer keeps its shape: as at full width
                 row[i] = entry if entry is not None else sig
-    log.info("latency table: timing %d layer shapes of %d channel sets on %s (batch %d, %d thread(s), "
+    log.info("latency table: timing %d layer and block shapes of %d channel sets on %s (batch %d, %d thread(s), "
              "%d repeats) and the whole network", len(shapes), len(sets), runtime, batch, threads, repeats)
-    ms = _time_shapes(shapes, axes, runtime=runtime, batch=batch, threads=threads, device=device, repeats=repeats,
-                      progress=progress)
+    groups = [row for by_set in axes.values() for row in by_set.values()] + [row for _, row in unit_rows.values()]
+    ms = _time_shapes(shapes, groups, runtime=runtime, batch=batch, threads=threads, device=device,
+                      repeats=repeats, progress=progress)
     base_ms, base_spread = _time_network(cpu_model, example, runtime=runtime, batch=batch, threads=threads,
                                          device=device, repeats=repeats)
     model.to(device)
     layers = {layer: {"full_ms": ms[(repr(full_layers[layer][0]), full_layers[layer][1])],
                       "ms": {name: [ms[sig] for sig in row] for name, row in by_set.items()}}
               for layer, by_set in axes.items()}
+    units = {name: {"block": block, "residual_ms": _residual(name, row, ms, axes)}
+             for name, (block, row) in unit_rows.items()}
     seconds = time.perf_counter() - started
-    log.info("latency table: built in %.1f s (%d layer shapes, unpruned network %.3f ms)", seconds, len(shapes),
-             base_ms)
+    log.info("latency table: built in %.1f s (%d layer and block shapes, unpruned network %.3f ms)", seconds,
+             len(shapes), base_ms)
     return {"runtime": runtime, "device": device.type, "batch": batch, "threads": threads,
             "input_shape": list(example.shape[1:]), "base_ms": base_ms, "base_spread": base_spread,
-            "sizes": {s.name: s.size for s in sets}, "grids": grids, "layers": layers,
+            "sizes": {s.name: s.size for s in sets}, "grids": grids, "layers": layers, "units": units,
             "timed_shapes": len(shapes), "build_s": seconds}
 
 
-def _layer_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
-    """Every leaf layer with parameters, with the shape (batch left out) of its first input."""
+def _holding_block(paths: Sequence[str], layers: set[str]) -> str | None:
+    """The innermost block holding every one of ``layers``; None when no block does."""
+    holding = [p for p in paths if layers and all(layer.startswith(p + ".") for layer in layers)]
+    return max(holding, key=len) if holding else None
+
+
+def _block_signature(model: nn.Module, block: str, example: torch.Tensor
+                     ) -> tuple[tuple, tuple[nn.Module, tuple[int, ...]]]:
+    module = model.get_submodule(block)
+    [(_, shape)] = _layer_inputs(model, example, [block]).values()
+    return ("block", repr(module), shape), (module, shape)
+
+
+def _residual(name: str, row: Sequence[tuple], ms: Mapping[tuple, float], axes: Mapping[str, Mapping[str, list]]
+              ) -> list[float]:
+    """Per grid width, the change of the block's time minus the changes of its timed layers."""
+    block = [ms[sig] for sig in row]
+    layers = [[ms[sig] for sig in by_set[name]] for by_set in axes.values() if name in by_set]
+    return [(b - block[-1]) - sum(t[i] - t[-1] for t in layers) for i, b in enumerate(block)]
+
+
+def _layer_inputs(model: nn.Module, example: torch.Tensor, names: Sequence[str] | None = None
+                  ) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+    """Every leaf layer with parameters (or the modules ``names``), with the shape (batch left out) of its
+    first input."""
     found: dict[str, tuple[nn.Module, tuple[int, ...]]] = {}
     handles = []
     for name, module in model.named_modules():
-        if next(module.parameters(recurse=False), None) is None:
+        if (name not in names) if names is not None else next(module.parameters(recurse=False), None) is None:
             continue
 
         def hook(mod: nn.Module, inputs: tuple, name: str = name) -> None:
@@ -182,13 +230,13 @@ def _changed_layers(model: nn.Module, pruned: nn.Module, example: torch.Tensor
             if before.get(name) != [tuple(p.shape) for p in entry[0].parameters(recurse=False)]}
 
 
-def _time_shapes(shapes: Mapping[tuple, tuple[nn.Module, tuple[int, ...]]], axes: Mapping[str, Mapping[str, list]],
+def _time_shapes(shapes: Mapping[tuple, tuple[nn.Module, tuple[int, ...]]], groups: Sequence[Sequence[tuple]],
                  *, runtime: str, batch: int, threads: int, device: torch.device, repeats: int,
                  progress: bool) -> dict[tuple, float]:
-    """Median milliseconds of every layer shape; the widths of one layer and set are timed in alternation,
-    so that load on the machine slows them alike."""
+    """Median milliseconds of every layer or block shape; the widths of one group (a layer or block across
+    one set's widths) are timed in alternation, so that load on the machine slows them alike."""
     ms: dict[tuple, float] = {}
-    groups = [list(dict.fromkeys(row)) for by_set in axes.values() for row in by_set.values()]
+    groups = [list(dict.fromkeys(row)) for row in groups]
     with tqdm(total=len(shapes), desc="latency table", leave=False, disable=not progress,
               dynamic_ncols=True) as bar, torch_threads(threads if runtime == "torch" else None):
         for group in groups:
@@ -274,7 +322,9 @@ def predict_ms(table: Mapping[str, Any], kept: Mapping[str, int], predictor: str
         else:
             now = full + sum(p - full for p in parts)
         saved += full - now
-    return table["base_ms"] - saved
+    residual = sum(_at(table["grids"][name], unit["residual_ms"], kept.get(name, table["sizes"][name]))
+                   for name, unit in table["units"].items())
+    return table["base_ms"] - saved + residual
 
 
 def predicted_speedup(table: Mapping[str, Any], kept: Mapping[str, int], predictor: str = "product") -> float:
@@ -285,4 +335,4 @@ def describe(table: Mapping[str, Any]) -> str:
     """One line: what the table was measured on and what it cost."""
     return (f"{table['runtime']} on {table['device']}, batch {table['batch']}, {table['threads']} thread(s), "
             f"input {'x'.join(map(str, table['input_shape']))}: unpruned {table['base_ms']:.3f} ms; "
-            f"{table['timed_shapes']} layer shapes timed in {table['build_s']:.1f} s")
+            f"{table['timed_shapes']} layer and block shapes timed in {table['build_s']:.1f} s")

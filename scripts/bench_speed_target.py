@@ -18,6 +18,7 @@ On ONNX Runtime, 1 intra-op thread (``--threads``), CPU:
    training images: top-1 beside fp32, speed-up over the unpruned fp32 model;
 6. on a CUDA GPU, when there is one: the 2x target in eager PyTorch at batch 256 (else "pending").
 
+``--sections`` runs a part of these (``table`` is 1 and 2, ``targets`` 3, then ``untrained``, ``int8``, ``cuda``).
 ``--quick`` runs a functional check in minutes (1 random plan of each kind, the 2x target at batch 64 only, fewer
 repeats): its figures are not results. Timings are only results on a quiet machine: the document says
 the load average it ran under.
@@ -42,6 +43,7 @@ from qsfm_cli.pruning import apply_keep, channel_sets
 from qsfm_cli.types import Order
 
 X = torch.zeros(1, 3, 32, 32)
+SECTIONS = ("table", "targets", "untrained", "int8", "cuda")
 
 
 def load_average() -> str:
@@ -49,7 +51,7 @@ def load_average() -> str:
 
 
 def table_build(model, threads: int, batches: list[int], repeats: int) -> tuple[list[str], dict]:
-    rows = ["| model | runtime | batch | threads | layer shapes timed | build s | unpruned ms |", "|---|---|---|---|---|---|---|"]
+    rows = ["| model | runtime | batch | threads | layer and block shapes timed | build s | unpruned ms |", "|---|---|---|---|---|---|---|"]
     sets = channel_sets(model, X)
     tables = {}
     for batch in batches:
@@ -100,8 +102,9 @@ def resnet56_targets(args, cases: list[tuple[int, float]], out: Path) -> tuple[l
     from hydra import compose, initialize_config_dir
 
     from qsfm_cli.app import build_experiment, config_dir
+    from qsfm_cli.checkpoints import load_weights
     from qsfm_cli.outputs import load_pruned
-    from qsfm_cli.pipeline import load_baseline, run_experiment
+    from qsfm_cli.pipeline import run_experiment
 
     common = ["model=resnet56", f"model.checkpoint={args.checkpoint}", "dataset=cifar10",
               f"dataset.root={args.data}", "progress=false", f"cache.dir={out / 'cache'}", "eval.latency_batches=[]",
@@ -118,19 +121,29 @@ def resnet56_targets(args, cases: list[tuple[int, float]], out: Path) -> tuple[l
     base = None
     runs = {}
     for batch, target in cases:
-        speed = run_experiment(experiment(f"speed_b{batch}_{target}", "prune=speed", f"prune.target_speedup={target}",
-                                          f"prune.latency_batch={batch}"))
-        macs = run_experiment(experiment(f"macs_b{batch}_{target}", "prune=sensitivity",
-                                         f"prune.target_macs_reduction={1 - 1 / target:.4f}"))
+        scope = []
+        try:
+            speed = run_experiment(experiment(f"speed_b{batch}_{target}", "prune=speed",
+                                              f"prune.target_speedup={target}", f"prune.latency_batch={batch}"))
+        except ValueError as refused:     # beyond the block-internal sets: the residual streams too
+            rows.append(f"| {batch} | {target:g}x | speed-up target (sensitivity), block-internal sets | "
+                        f"refused: {refused} |||||||")
+            scope = ["prune.scope=all"]
+            speed = run_experiment(experiment(f"speed_b{batch}_{target}_all", "prune=speed", *scope,
+                                              f"prune.target_speedup={target}", f"prune.latency_batch={batch}"))
+        macs = run_experiment(experiment(f"macs_b{batch}_{target}{'_all' if scope else ''}", "prune=sensitivity",
+                                         *scope, f"prune.target_macs_reduction={1 - 1 / target:.4f}"))
         if base is None:
-            base = load_baseline(experiment("base"), None).eval()
-        pruned = load_pruned(out / f"macs_b{batch}_{target}" / "pruned_model.pt")
+            base = load_weights(create_model("resnet56"), args.checkpoint).eval()
+        pruned = load_pruned(out / f"macs_b{batch}_{target}{'_all' if scope else ''}" / "pruned_model.pt")
         [pair] = measure_pair(base, pruned, [batch], runtime="onnxruntime", threads=args.threads,
                               repeats=max(args.repeats, 10))
         runs[batch, target] = speed
+        where = ", residual streams too (scope all)" if scope else ""
         for name, record, measured, predicted in (
-                ("speed-up target (sensitivity)", speed, speed.results.speed, speed.results.speed["predicted_speedup"]),
-                (f"MACs target -{100 * (1 - 1 / target):.1f}% (sensitivity)", macs,
+                (f"speed-up target (sensitivity{where})", speed, speed.results.speed,
+                 speed.results.speed["predicted_speedup"]),
+                (f"MACs target -{100 * (1 - 1 / target):.1f}% (sensitivity{where})", macs,
                  {"measured_speedup": pair.speedup, "trusted": pair.trusted}, None)):
             b, f = record.results.base, record.results.final
             shown = f"{measured['measured_speedup']:.2f}" if measured["trusted"] else f"({measured['measured_speedup']:.2f})?"
@@ -204,7 +217,15 @@ def main() -> None:
     parser.add_argument("--plans", type=int, default=None, help="random plans of each kind (default 10, quick 1)")
     parser.add_argument("--scorer", default="l1")
     parser.add_argument("--recover", default="lstsq", help="recovery of both planners (blockwise: slower)")
+    parser.add_argument("--cases", default="64:1.5,64:2,64:2.5,1:1.5,1:2",
+                        help="the targets section's batch:target pairs (--quick: 64:2)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"which parts to run, comma-separated (default: all of {', '.join(SECTIONS)})")
     args = parser.parse_args()
+    sections = args.sections.split(",")
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown or ("int8" in sections and "targets" not in sections):
+        parser.error(f"--sections={args.sections}; accepted: any of {', '.join(SECTIONS)} (int8 needs targets)")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("qsfm_cli").setLevel(logging.INFO)     # progress on stderr; the document on stdout
     args.repeats = args.repeats or (5 if args.quick else 10)
@@ -215,22 +236,27 @@ def main() -> None:
     print(f"torch {torch.__version__}, {lt.machine()}, {args.threads} thread(s), {args.repeats} repeats; load average "
           f"before: {load_before}\n")
     resnet56 = create_model("resnet56").eval()
-    rows, tables = table_build(resnet56, args.threads, [64] if args.quick else [64, 1], args.repeats)
-    print("## Latency table build\n\n" + "\n".join(rows) + "\n")
-    rows = random_plans(resnet56, tables[64], args.plans or (1 if args.quick else 10), args.threads, args.repeats)
-    print("## Prediction error on random plans (batch 64)\n\n" + "\n".join(rows) + "\n")
-    cases = [(64, 2.0)] if args.quick else [(64, 1.5), (64, 2.0), (64, 2.5), (1, 1.5), (1, 2.0)]
-    rows, ctx = resnet56_targets(args, cases, out)
-    print(f"## ResNet-56 on CIFAR-10: speed-up targets (scorer {args.scorer}, recover {args.recover})\n\n"
-          + "\n".join(rows) + "\n")
-    rows = untrained_targets(args.threads, args.repeats, ["vgg16_bn", "mobilenetv2"])
-    print("## Untrained VGG-16-BN and MobileNetV2: 2x at batch 64\n\n" + "\n".join(rows) + "\n")
-    print("## int8 after pruning (ONNX Runtime static quantization, batch 64)\n\n" + "\n".join(int8_row(args, ctx, out))
-          + "\n")
-    if torch.cuda.is_available():
+    if "table" in sections:
+        rows, tables = table_build(resnet56, args.threads, [64] if args.quick else [64, 1], args.repeats)
+        print("## Latency table build\n\n" + "\n".join(rows) + "\n", flush=True)
+        rows = random_plans(resnet56, tables[64], args.plans or (1 if args.quick else 10), args.threads, args.repeats)
+        print("## Prediction error on random plans (batch 64)\n\n" + "\n".join(rows) + "\n", flush=True)
+    if "targets" in sections:
+        cases = [(64, 2.0)] if args.quick else [(int(b), float(t)) for b, t in
+                                                 (case.split(":") for case in args.cases.split(","))]
+        rows, ctx = resnet56_targets(args, cases, out)
+        print(f"## ResNet-56 on CIFAR-10: speed-up targets (scorer {args.scorer}, recover {args.recover})\n\n"
+              + "\n".join(rows) + "\n", flush=True)
+    if "untrained" in sections:
+        rows = untrained_targets(args.threads, args.repeats, ["vgg16_bn", "mobilenetv2"])
+        print("## Untrained VGG-16-BN and MobileNetV2: 2x at batch 64\n\n" + "\n".join(rows) + "\n", flush=True)
+    if "int8" in sections:
+        print("## int8 after pruning (ONNX Runtime static quantization, batch 64)\n\n"
+              + "\n".join(int8_row(args, ctx, out)) + "\n", flush=True)
+    if "cuda" in sections and torch.cuda.is_available():
         rows = untrained_targets(args.threads, args.repeats, ["resnet56"], device="cuda", runtime="torch", batch=256)
         print("## CUDA eager, batch 256 (untrained ResNet-56)\n\n" + "\n".join(rows) + "\n")
-    else:
+    elif "cuda" in sections:
         print("## CUDA eager, batch 256\n\npending: no GPU on this machine.\n")
     print(f"Total {time.perf_counter() - started:.0f} s; load average before {load_before}, after {load_average()}; "
           f"runs in {out}.")

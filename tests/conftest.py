@@ -86,7 +86,7 @@ def macs_clock(monkeypatch) -> None:
     from qsfm_cli import latency_table
     from qsfm_cli.counting import count_macs
 
-    def time_shapes(shapes, axes, **_):
+    def time_shapes(shapes, groups, **_):
         return {sig: count_macs(module, (1, *shape)) / 1e6 for sig, (module, shape) in shapes.items()}
 
     def time_network(model, example, **_):

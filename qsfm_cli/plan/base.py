@@ -61,7 +61,8 @@ class PlanContext:
     """Everything a protocol may plan with. ``model``/``example_input`` count MACs (and give the paper rate
     layouts); ``loss_of`` measures a pruned copy, built by ``prune_fn`` (default: ``apply_keep`` without
     compensation); ``sensitivity`` is a table measured before; ``progress`` shows bars for long loops; ``prepared`` is what
-    the protocol's ``prepare`` returned (a latency table)."""
+    the protocol's ``prepare`` returned (a latency table); ``cached(kind, key, compute)`` keeps what a
+protocol measures (a speed-up) for the next run with the same plan."""
 
     orders: Orders
     sets: list[ChannelSet]
@@ -73,6 +74,7 @@ class PlanContext:
     sensitivity: dict[str, Any] | None = None
     progress: bool = False
     prepared: Any = None
+    cached: Callable[[str, str, Callable[[], Any]], Any] | None = None
     _meter: MacsMeter | None = field(default=None, init=False, repr=False)
 
     def settled(self, counts: Counts) -> Counts:
@@ -164,15 +166,16 @@ def make_keep(orders: Orders, sets: list[ChannelSet], plan: PlanSpec, *, model: 
               example_input: torch.Tensor | None = None,
               loss_of: Callable[[nn.Module], float] | None = None,
               prune_fn: Callable[[Keep], nn.Module] | None = None,
-              sensitivity: dict | None = None, prepared: Any = None,
-              progress: bool = False) -> tuple[Keep, dict[str, Any]]:
+              sensitivity: dict | None = None, prepared: Any = None, progress: bool = False,
+              cached: Callable[[str, str, Callable[[], Any]], Any] | None = None) -> tuple[Keep, dict[str, Any]]:
     """Kept channel indices of every set in ``sets``, and a JSON-able record of the plan.
 
     ``model``/``example_input`` are needed by the MACs target (and give the paper rate layouts);
     ``loss_of`` (e.g. ``evaluate.divergence_from``) by ``allocation=sensitivity``, which prunes through
     ``prune_fn`` (default: ``apply_keep`` without compensation) and reuses a ``sensitivity`` table when
     given; ``prepared`` is what the protocol's ``prepare`` measured (``prune.target_speedup``: the latency
-    table); ``progress`` shows a bar while the sensitivity table is measured. The record holds the removal counts,
+    table); ``progress`` shows a bar while the sensitivity table is measured; ``cached`` keeps what the
+    protocol measures (``RunContext.cached``), so that the same plan comes out again. The record holds the removal counts,
     what a search reached, notes, and the sensitivity table.
     """
     missing = [s.name for s in sets if s.name not in orders]
@@ -180,7 +183,8 @@ def make_keep(orders: Orders, sets: list[ChannelSet], plan: PlanSpec, *, model: 
         raise ValueError(f"no removal order for channel set(s) {', '.join(missing)}")
     plan.validate(sets)
     ctx = PlanContext(orders, sets, plan, model=model, example_input=example_input, loss_of=loss_of,
-                      prune_fn=prune_fn, sensitivity=sensitivity, progress=progress, prepared=prepared)
+                      prune_fn=prune_fn, sensitivity=sensitivity, progress=progress, prepared=prepared,
+                      cached=cached)
     counts, found = plan.strategy.counts(ctx)
     counts = ctx.settled(counts)   # settling is idempotent: counts a protocol settled itself stay as they are
     info: dict[str, Any] = {"protocol": plan.protocol, "notes": [], **found, "removed": counts}

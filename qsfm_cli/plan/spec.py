@@ -47,11 +47,12 @@ class PlanSpec:
     min_channels: int = 1
     round_to: int = 1
     target_speedup: float | None = field(default=None, metadata=COUNTS_ONLY)
-    latency_runtime: str = "onnxruntime"
-    latency_batch: int = 64
-    latency_threads: int = 1
-    latency_repeats: int = 10
-    speedup_tolerance: float = 0.05
+    latency_runtime: str = field(default="onnxruntime", metadata=COUNTS_ONLY)
+    latency_batch: int = field(default=64, metadata=COUNTS_ONLY)
+    latency_threads: int = field(default=1, metadata=COUNTS_ONLY)
+    latency_repeats: int = field(default=10, metadata=COUNTS_ONLY)
+    latency_replans: int = field(default=2, metadata=COUNTS_ONLY)
+    speedup_tolerance: float = field(default=0.05, metadata=COUNTS_ONLY)
 
     def __post_init__(self) -> None:
         _check_types(self)

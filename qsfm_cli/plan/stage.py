@@ -48,7 +48,8 @@ def plan_stage(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats: 
     depends on (``PlanSpec.sensitivity_key``), then cached. ``prepared``: what the protocol measured on the
     architecture before (``Strategy.prepare``)."""
     if not spec.needs_sensitivity:
-        return make_keep(orders, sets, spec, model=model, example_input=example, prepared=prepared)[1]
+        return make_keep(orders, sets, spec, model=model, example_input=example, prepared=prepared,
+                         cached=ctx.cached)[1]
     fold = recovery.sensitivity_fold()
     if fold is not recovery:
         log.info("sensitivity: each set pruned alone with recover=%s's fold standing in for recover=%s",
@@ -66,5 +67,5 @@ def plan_stage(model: nn.Module, sets: list[ChannelSet], orders: Orders, stats: 
         round_to=spec.round_to, progress=progress))
     log.info("sensitivity (loss increase per ratio):\n%s", format_sensitivity(sensitivity))
     plan_info = make_keep(orders, sets, spec, model=model, example_input=example, loss_of=loss_of,
-                          prune_fn=prune_fn, sensitivity=sensitivity, prepared=prepared)[1]
+                          prune_fn=prune_fn, sensitivity=sensitivity, prepared=prepared, cached=ctx.cached)[1]
     return {**plan_info, "sensitivity_fold": fold.name, "sensitivity_loss": LOSS}
