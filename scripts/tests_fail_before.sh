@@ -31,5 +31,12 @@ for commit in "$@"; do
     (cd "$where" && PYTHONPATH=$where python -m pytest -q -p no:cacheprovider -m "not slow" $files 2>&1 \
       | grep -E "^(FAILED|ERROR)|passed|failed" | sed 's/^/   /')
   fi
+  # Without the fix a test may leave processes behind (a sweep's workers after SIGTERM): stop those that
+  # still run this worktree's code.
+  for proc in /proc/[0-9]*; do
+    if { tr '\0' '\n' < "$proc/environ"; } 2>/dev/null | grep -qx "PYTHONPATH=$where"; then
+      kill -9 "${proc#/proc/}" 2>/dev/null
+    fi
+  done
   git -C "$root" worktree remove --force "$where"
 done
