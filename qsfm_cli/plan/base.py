@@ -62,7 +62,7 @@ class PlanContext:
     layouts); ``loss_of`` measures a pruned copy, built by ``prune_fn`` (default: ``apply_keep`` without
     compensation); ``sensitivity`` is a table measured before; ``progress`` shows bars for long loops; ``prepared`` is what
     the protocol's ``prepare`` returned (a latency table); ``cached(kind, key, compute)`` keeps what a
-protocol measures (a speed-up) for the next run with the same plan."""
+    protocol measures (a speed-up) for the next run with the same plan."""
 
     orders: Orders
     sets: list[ChannelSet]

@@ -115,9 +115,7 @@ class Speed(Strategy):
     def verify(self, spec: PlanSpec, base: nn.Module, pruned: nn.Module, info: dict[str, Any], *,
                device: str | torch.device = "cpu") -> dict[str, Any]:
         example = info["latency_table"]["input_shape"]
-        [pair] = measure_pair(base, pruned, [spec.latency_batch], runtime=spec.latency_runtime, device=device,
-                              input_hw=tuple(example[1:]), repeats=max(spec.latency_repeats, PAIR_REPEATS),
-                              threads=spec.latency_threads)
+        pair = _time_pair(spec, base, pruned, device, tuple(example[1:]))
         target = spec.target_speedup
         met = pair.speedup >= (1 - spec.speedup_tolerance) * target
         result = {"target_speedup": target, "predicted_speedup": info["predicted_speedup"],
@@ -205,16 +203,22 @@ def _replan(ctx: PlanContext, table: dict[str, Any], counts: Counts, found: dict
     return chosen[1], {**chosen[2], "replans": [t[3] for t in tried]}
 
 
+def _time_pair(spec: PlanSpec, base: nn.Module, pruned: nn.Module, device: str | torch.device,
+               input_hw: tuple[int, ...]) -> PairLatency:
+    """``base`` and ``pruned`` timed in alternation on the plan's runtime, batch and threads."""
+    [pair] = measure_pair(base, pruned, [spec.latency_batch], runtime=spec.latency_runtime, device=device,
+                          input_hw=input_hw, repeats=max(spec.latency_repeats, PAIR_REPEATS),
+                          threads=spec.latency_threads)
+    return pair
+
+
 def _measured(ctx: PlanContext, counts: Counts, device: torch.device) -> PairLatency:
     """The planned network (its shapes) timed beside the unpruned one; kept in ``ctx.cached`` under the
     table's conditions and the pruned architecture, so that the same plan is made again from it."""
     spec, pruned = ctx.spec, ctx.shapes(counts)
 
     def measure() -> dict[str, Any]:
-        [pair] = measure_pair(ctx.model, pruned, [spec.latency_batch], runtime=spec.latency_runtime, device=device,
-                              input_hw=tuple(ctx.example_input.shape[2:]),
-                              repeats=max(spec.latency_repeats, PAIR_REPEATS), threads=spec.latency_threads)
-        return pair.to_dict()
+        return _time_pair(spec, ctx.model, pruned, device, tuple(ctx.example_input.shape[2:])).to_dict()
 
     if ctx.cached is None:
         return PairLatency(**measure())
