@@ -245,6 +245,24 @@ def test_distillation_runs_after_the_recovery_and_is_named(tmp_path):
 
 
 @pytest.mark.slow
+def test_recipes_differing_only_after_the_refit_share_it(tmp_path):
+    """The refit is cached apart from what follows it: a distillation or BatchNorm variant of a cached run
+    refits nothing again, and its weights are those of the same recipe computed cold."""
+    base = ("scorer=l1", "recover=sequential", "recover.images=32", "save_model=true")
+    plain = run_experiment(experiment(tmp_path, *base, run="a"))
+    distilled = run_experiment(experiment(tmp_path, *base, "recover.distill_steps=2", "recover.distill_images=32",
+                                          run="b"))
+    assert plain.cache["recovered"] == "miss" and "finished" not in plain.cache
+    assert (distilled.cache["recovered"], distilled.cache["finished"]) == ("hit", "miss")
+    assert distilled.results.recovery["(network)"] and distilled.timings_s["distill"] > 0
+    cold = run_experiment(experiment(tmp_path, *base, "recover.distill_steps=2", "recover.distill_images=32",
+                                     f"cache.dir={tmp_path / 'cold'}", run="c"))
+    b, c = (load_pruned(tmp_path / run / "pruned_model.pt").state_dict() for run in ("b", "c"))
+    assert all(torch.equal(b[k], c[k]) for k in b)
+    assert cold.results.pruned.top1 == distilled.results.pruned.top1
+
+
+@pytest.mark.slow
 def test_plan_and_recovery_read_no_training_label(tmp_path):
     """Every training label is -1: a cross-entropy or an index on one anywhere in statistics, sensitivity
     table, allocation, reconstruction or distillation would fail. QSFM's profile settings, tiny."""
