@@ -385,9 +385,8 @@ def plot_pareto(df: pd.DataFrame) -> Figure:
     styles = dict(zip(variant_names, _LINE_STYLES * (len(variant_names) // len(_LINE_STYLES) + 1)))
     rows = sorted(ok.groupby(["model", "dataset"]).groups)
     recoveries = sorted(ok["recovery"].unique())
-    fig = Figure(figsize=(5.0 * len(recoveries), 4.2 * len(rows) + 1.0), layout="constrained")
-    axes = fig.subplots(len(rows), len(recoveries), squeeze=False, sharey="row")
-    for (model, dataset), row_axes in zip(rows, axes):
+    fig, groups = _panel_groups(len(rows), len(recoveries))
+    for (model, dataset), row_axes in zip(rows, groups):
         for recovery, ax in zip(recoveries, row_axes):
             runs = ok[(ok["model"] == model) & (ok["dataset"] == dataset) & (ok["recovery"] == recovery)]
             for _, points in sorted(runs.groupby("series_key", sort=False),
@@ -403,13 +402,35 @@ def plot_pareto(df: pd.DataFrame) -> Figure:
             ax.set_title(f"{model} on {dataset}, recovery {recovery}", fontsize=9)
             ax.set_xlabel("MACs reduction (%)")
             ax.grid(alpha=0.3)
-        row_axes[0].set_ylabel("top-1 change vs own baseline (pp)")
+            if ax.get_subplotspec().is_first_col():
+                ax.set_ylabel("top-1 change vs own baseline (pp)")
     handles = [Line2D([], [], color=colors[c], lw=2, label=c) for c in sorted(ok["criterion"].unique())]
     if len(variant_names) > 1:
         handles += [Line2D([], [], color="black", ls=styles[v], label=v.lstrip(", ") or "as is")
                     for v in variant_names]
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=8)
     return fig
+
+
+_PANEL_COLUMNS = 4   # panels of one model wrap after this many, so that a sweep over many recoveries stays legible
+
+
+def _panel_groups(models: int, recoveries: int) -> tuple[Figure, list[list[Any]]]:
+    """A figure with one group of ``recoveries`` panels per model and dataset, wrapped into lines of at most
+    ``_PANEL_COLUMNS``; the panels of a group share their y axis."""
+    columns = min(recoveries, _PANEL_COLUMNS)
+    lines = -(-recoveries // columns)
+    fig = Figure(figsize=(5.0 * columns, 4.2 * lines * models + 1.0), layout="constrained")
+    grid = fig.subplots(lines * models, columns, squeeze=False).ravel()
+    groups = []
+    for first in range(0, models * lines * columns, lines * columns):
+        group = list(grid[first:first + recoveries])
+        for ax in group[1:]:
+            ax.sharey(group[0])
+        for ax in grid[first + recoveries:first + lines * columns]:
+            fig.delaxes(ax)
+        groups.append(group)
+    return fig, groups
 
 
 _REF_MARKERS = {"qsfm": "*", "hrank": "s", "chip": "D"}

@@ -163,6 +163,17 @@ def test_seeds_are_averaged_and_models_get_their_own_panel(tmp_path: Path) -> No
     assert not any("HRank" in t.get_text() for t in axes[0].texts)
 
 
+def test_panels_of_many_recoveries_wrap_and_share_their_y_axis(tmp_path: Path) -> None:
+    recoveries = ["none", "twin", "lstsq", "sequential", "blockwise"]
+    for recover in recoveries:
+        make_run(tmp_path / recover, "l1", 0.5, recover=recover)
+    axes = report.plot_pareto(report.collect_runs([tmp_path])).get_axes()
+    assert len(axes) == len(recoveries)
+    assert {ax.get_subplotspec().get_gridspec().ncols for ax in axes} == {report._PANEL_COLUMNS}
+    assert all(ax.get_shared_y_axes().joined(axes[0], ax) for ax in axes)
+    assert [ax.get_ylabel() != "" for ax in axes] == [True, False, False, False, True]
+
+
 def test_layers_picks_the_run_and_rejects_a_run_without_channels(sweep: Path, tmp_path: Path) -> None:
     df = report.collect_runs([sweep])
     chosen = next(sweep.rglob("prune.ratio=0.3,scorer=qsfm,seed=0"))
